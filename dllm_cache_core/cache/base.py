@@ -1,0 +1,141 @@
+"""The CachePolicy interface: the decoding loop asks a policy for the block's predictions each step;
+the policy decides, per layer, which positions are recomputed and what stored state is reused.
+
+A policy owns its preallocated buffers for one generate() call (one batch). The model stays clean:
+policies drive it through ``model.forward(..., layer_fn=...)`` and the layer API.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from ..models.base import DiffusionLM
+from ..stats import RowCounters
+
+
+@dataclass
+class DecodeContext:
+    """What every policy may read about the batch; built once per generate() call."""
+
+    model: DiffusionLM
+    prompt_len: int
+    """P: padded prompt length; the response occupies [P, P + gen_length)."""
+    gen_length: int
+    block_length: int
+    positions: torch.Tensor
+    """(B, L) absolute positions, counted from each row's first real token."""
+    key_mask: torch.Tensor
+    """(B, L) bool, False on left padding."""
+    attn_mask: Optional[torch.Tensor]
+    """(B, 1, 1, L) bool for SDPA, or None when no row is padded."""
+    real_len: torch.Tensor
+    """(B,) real tokens per row (prompt without padding + gen_length)."""
+    counters: RowCounters
+    mask_id: int
+
+    @property
+    def batch(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def shift(self) -> int:
+        return 1 if self.model.config.logit_shift else 0
+
+
+@dataclass
+class StepInfo:
+    block: int
+    start: int
+    """Absolute index of the block's first position."""
+    end: int
+    step: int
+    """Step index inside the block; 0 = the block's first forward."""
+    nfe: int
+    """Forwards made so far in this generate() call (all blocks)."""
+
+
+class CachePolicy:
+    name: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    """Parameter name -> default; the keys are the policy's allowed CacheConfig parameters."""
+
+    def __init__(self, ctx: DecodeContext, **params: Any):
+        self.ctx = ctx
+        self.model = ctx.model
+        self.params = params
+
+    @classmethod
+    def check_param(cls, name: str, value: Any) -> None:
+        """Raise ValueError naming cache.<name> when value is out of range."""
+
+    # -- the interface the decoding loop uses --------------------------------------------------
+    def begin_block(self, step: StepInfo) -> None:
+        """Called before the block's first forward."""
+
+    def forward(self, x: torch.Tensor, step: StepInfo) -> torch.Tensor:
+        """Logits (B, block_length, V) predicting each position of the current block."""
+        raise NotImplementedError
+
+    def end_step(self, x: torch.Tensor, committed: torch.Tensor, confidence: torch.Tensor,
+                 step: StepInfo) -> None:
+        """After the sampler committed tokens: committed (B, block_length) bool, the new canvas x,
+        and the confidences it ranked with (B, block_length). Policies that select by them use it."""
+
+    # -- helpers -------------------------------------------------------------------------------
+    def out_index(self, step: StepInfo, q_start: int) -> torch.Tensor:
+        """Rows of a contiguous query range [q_start, ...) that predict the block's positions
+        (Dream: the output one to the left; the first query predicts itself, as Fast-dLLM does)."""
+        B = self.ctx.batch
+        pos = torch.arange(step.start, step.end, device=self.ctx.positions.device) - self.ctx.shift
+        return (pos.clamp(min=q_start) - q_start).expand(B, -1)
+
+    def full_forward(self, x: torch.Tensor, step: StepInfo, store: Optional[list] = None) -> torch.Tensor:
+        """Uncached forward over the whole canvas; with `store`, writes each layer's K/V into
+        store[layer] = (K, V) buffers of shape (B, L, kv_dim)."""
+        ctx = self.ctx
+        m = self.model
+
+        def layer_fn(i, layer, h, cos, sin):
+            h, k, v = m.layer_full(layer, h, cos, sin, ctx.attn_mask)
+            if store is not None:
+                store[i][0].copy_(k)
+                store[i][1].copy_(v)
+            return h
+
+        logits = m(x, ctx.positions, ctx.attn_mask, layer_fn=layer_fn, out_index=self.out_index(step, 0))
+        ctx.counters.forward(ctx.real_len, ctx.real_len, head_rows=step.end - step.start)
+        return logits
+
+    def kv_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Preallocated per-layer (K, V) of shape (B, L, kv_dim), post-RoPE (rotation is per position,
+        so storing rotated keys is bit-identical to the references' re-rotation of pre-RoPE keys)."""
+        cfg, ctx = self.model.config, self.ctx
+        shape = (ctx.batch, ctx.seq_len, cfg.kv_dim)
+        dt, dev = self.model.dtype, ctx.positions.device
+        return [(torch.empty(shape, dtype=dt, device=dev), torch.empty(shape, dtype=dt, device=dev))
+                for _ in range(cfg.n_layers)]
+
+    def cached_range_forward(self, x: torch.Tensor, step: StepInfo, q_start: int, q_end: int,
+                             kv: list) -> torch.Tensor:
+        """Recompute queries [q_start, q_end) in every layer, write their K/V into the cache in place
+        and attend over the whole cached sequence (Fast-dLLM's sliced call with a KV cache)."""
+        ctx, m = self.ctx, self.model
+
+        def layer_fn(i, layer, h, cos, sin):
+            q, k, v = layer.qkv(layer.attn_in(h))
+            K, V = kv[i]
+            K[:, q_start:q_end] = m.apply_rope(k, cos, sin)
+            V[:, q_start:q_end] = v
+            h = h + layer.attn_proj(m.attend(m.apply_rope(q, cos, sin), K, V, ctx.attn_mask))
+            return h + layer.ffn(h)
+
+        logits = m(x[:, q_start:q_end], ctx.positions[:, q_start:q_end], ctx.attn_mask,
+                   layer_fn=layer_fn, out_index=self.out_index(step, q_start))
+        ctx.counters.forward(q_end - q_start, ctx.real_len, head_rows=step.end - step.start)
+        return logits

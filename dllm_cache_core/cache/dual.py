@@ -1,0 +1,17 @@
+"""`dual` (Fast-dLLM dual cache): the block's first forward stores K/V of every position; later
+steps feed only the block, overwrite its K/V in place and attend to the stored prefix and suffix."""
+from __future__ import annotations
+
+from .base import StepInfo
+from .prefix import PrefixCache
+from .registry import register
+
+
+@register
+class DualCache(PrefixCache):
+    name = "dual"
+
+    def forward(self, x, step: StepInfo):
+        if self.refresh(step):
+            return self.full_forward(x, step, store=self.kv)
+        return self.cached_range_forward(x, step, step.start, step.end, self.kv)

@@ -1,0 +1,173 @@
+"""The two public configs. Frozen dataclasses; every invalid value is a ValueError naming the field."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+LLADA_REMASKING = ("low_confidence", "random")
+DREAM_REMASKING = ("maskgit_plus", "topk_margin", "entropy", "origin")
+REMASKING = LLADA_REMASKING + DREAM_REMASKING
+SCHEDULES = ("auto", "llada", "dream")
+
+
+def _bad(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{name}={value!r} is not allowed; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    gen_length: int = 128
+    """Tokens to generate (the canvas)."""
+    steps: Optional[int] = None
+    """Total denoising steps over all blocks (None = gen_length); must divide by the number of blocks."""
+    block_length: Optional[int] = None
+    """Semi-AR block size (None = gen_length); gen_length must divide by it."""
+    remasking: Optional[str] = None
+    """Which masked positions to commit: LLaDA low_confidence/random, Dream maskgit_plus/topk_margin/entropy/origin."""
+    alg_temp: float = 0.0
+    """Dream: sample positions from softmax(confidence / alg_temp) instead of top-k (0 = top-k)."""
+    schedule: str = "auto"
+    """Transfer-count schedule: auto (the family's), llada (base/remainder) or dream (timestep linspace)."""
+    eps: float = 1e-3
+    """Dream timestep floor."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 = greedy."""
+    top_p: Optional[float] = None
+    """Nucleus filter for sampling (Dream semantics); None = off."""
+    top_k: Optional[int] = None
+    """Top-k filter for sampling; None = off."""
+    threshold: Optional[float] = None
+    """Parallel decoding: commit every masked block token with confidence >= threshold (at least one)."""
+    certainty_prior_sigma: Optional[float] = None
+    """d2Cache certainty-prior decoding: score = confidence x certainty density (Gaussian sigma); None = off."""
+    cfg_scale: float = 0.0
+    """Classifier-free guidance (LLaDA semantics: un + (w + 1)(cond - un))."""
+    logits_eos_inf: bool = False
+    """LLaDA option: EOS logit = -inf before choosing tokens."""
+    confidence_eos_eot_inf: bool = False
+    """LLaDA option: EOS/EoT get -inf confidence after tokens are chosen (reference semantics)."""
+    stop_token_ids: Optional[tuple[int, ...]] = None
+    """Tokens that end an output; None = EOS plus the chat template's end-of-turn token."""
+    stop_at_eos: bool = True
+    """Cut outputs at the first stop token and skip blocks once every row has stopped."""
+    mask_id: Optional[int] = None
+    """Mask token id; None = from the model config."""
+
+    def __post_init__(self) -> None:
+        g = self.gen_length
+        if not isinstance(g, int) or isinstance(g, bool) or g <= 0:
+            raise _bad("gen_length", g, "a positive integer")
+        if self.block_length is not None and (not isinstance(self.block_length, int) or self.block_length <= 0):
+            raise _bad("block_length", self.block_length, "a positive integer or None")
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps <= 0):
+            raise _bad("steps", self.steps, "a positive integer or None")
+        if g % self.block_len:
+            raise ValueError(f"gen_length={g} must be a multiple of block_length={self.block_len}")
+        if self.total_steps % self.num_blocks:
+            raise ValueError(f"steps={self.total_steps} must divide by the number of blocks "
+                             f"({self.num_blocks} = gen_length / block_length)")
+        if self.remasking is not None and self.remasking not in REMASKING:
+            raise _bad("remasking", self.remasking, ", ".join(REMASKING))
+        if self.schedule not in SCHEDULES:
+            raise _bad("schedule", self.schedule, ", ".join(SCHEDULES))
+        if self.threshold is not None and not (0.0 < float(self.threshold) <= 1.0):
+            raise _bad("threshold", self.threshold, "a number in (0, 1] or None")
+        if self.temperature < 0:
+            raise _bad("temperature", self.temperature, "a number >= 0")
+        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+            raise _bad("top_p", self.top_p, "a number in (0, 1] or None")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k <= 0):
+            raise _bad("top_k", self.top_k, "a positive integer or None")
+        if self.alg_temp < 0:
+            raise _bad("alg_temp", self.alg_temp, "a number >= 0")
+        if not (0.0 < self.eps < 1.0):
+            raise _bad("eps", self.eps, "a number in (0, 1)")
+        if self.certainty_prior_sigma is not None and self.certainty_prior_sigma <= 0:
+            raise _bad("certainty_prior_sigma", self.certainty_prior_sigma, "a positive number or None")
+        if self.cfg_scale < 0:
+            raise _bad("cfg_scale", self.cfg_scale, "a number >= 0")
+        if self.stop_token_ids is not None:
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def block_len(self) -> int:
+        return self.block_length or self.gen_length
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_len
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps or self.gen_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.total_steps // self.num_blocks
+
+    def remasking_for(self, family: str) -> str:
+        """The family default when unset (LLaDA low_confidence, Dream entropy); checks the family."""
+        if self.remasking is None:
+            return "low_confidence" if family == "llada" else "entropy"
+        allowed = LLADA_REMASKING if family == "llada" else DREAM_REMASKING
+        if self.remasking not in allowed:
+            raise _bad("remasking", self.remasking, f"{', '.join(allowed)} (for {family})")
+        return self.remasking
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if d["stop_token_ids"] is not None:
+            d["stop_token_ids"] = list(d["stop_token_ids"])
+        return d
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Flat: `policy` plus every policy's parameters; None = that policy's default."""
+
+    policy: str = "none"
+    """Cache policy name: none, prefix, dual, dllm_cache, d2cache."""
+    refresh_interval: Optional[int] = None
+    """prefix/dual: also refresh the cache every k steps inside a block (None = once per block)."""
+    kp: Optional[int] = None
+    """dllm_cache: prompt features refreshed every kp forwards (default 50)."""
+    kr: Optional[int] = None
+    """dllm_cache: response features refreshed every kr forwards (default 2)."""
+    rou: Optional[float] = None
+    """dllm_cache: fraction of response tokens recomputed between refreshes (default 0.25)."""
+    rollout_p: Optional[float] = None
+    """d2cache: top-p mass over attention-rollout importance (default 0.1)."""
+    current_k: Optional[int] = None
+    """d2cache: masked tokens recomputed per step by certainty density (default 32)."""
+    sigma: Optional[float] = None
+    """d2cache: Gaussian kernel width of the certainty density (default 10.0)."""
+    inflate_w: Optional[int] = None
+    """d2cache: fill gaps of width <= inflate_w (None = 4 with semi-AR blocks, else 0)."""
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    """Parameters of policies registered outside this package."""
+
+    def __post_init__(self) -> None:
+        from .cache.registry import validate_cache_config
+
+        validate_cache_config(self)
+
+    def params(self) -> dict[str, Any]:
+        """The chosen policy's parameters with its defaults filled in."""
+        from .cache.registry import policy_class
+
+        cls = policy_class(self.policy)
+        out = dict(cls.defaults)
+        for k in cls.defaults:
+            v = getattr(self, k, None) if k in _FLAT else self.extra.get(k)
+            if v is not None:
+                out[k] = v
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"policy": self.policy}
+        d.update({k: getattr(self, k) for k in _FLAT if getattr(self, k) is not None})
+        d.update(self.extra)
+        return d
+
+
+_FLAT = ("refresh_interval", "kp", "kr", "rou", "rollout_p", "current_k", "sigma", "inflate_w")

@@ -1,0 +1,81 @@
+"""The model contract every family implements: embed -> layers -> head, with a pluggable layer loop.
+
+Cache policies never subclass models: they pass ``layer_fn`` to ``forward`` and use the layer API
+(``attn_in``, ``qkv``, ``attn_proj``, ``ffn``) plus ``rope`` / ``apply_rope`` / ``attend``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .layers import DecoderLayer, apply_rope, attend, rope_tables
+
+# layer_fn(layer_index, layer, h, cos, sin) -> h
+LayerFn = Callable[[int, DecoderLayer, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DiffusionLM(nn.Module):
+    config: ModelConfig
+
+    # -- family hooks -------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head, on only the rows the caller needs."""
+        raise NotImplementedError
+
+    # -- shared numerics -----------------------------------------------------------------------
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+
+    def apply_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope(x, cos, sin, self.config.head_dim, self.config.rope_fp32)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: Optional[torch.Tensor]) -> torch.Tensor:
+        return attend(q, k, v, self.config.head_dim, mask)
+
+    def layer_full(self, layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One uncached layer over all of h's positions; also returns its rotated K and V."""
+        q, k, v = layer.qkv(layer.attn_in(h))
+        q, k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
+        h = h + layer.attn_proj(self.attend(q, k, v, mask))
+        return h + layer.ffn(h), k, v
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, input_ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                attn_mask: Optional[torch.Tensor] = None, layer_fn: Optional[LayerFn] = None,
+                out_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (B, n_out, V). attn_mask: (B, 1, 1|n, L) bool, True = may attend; None = all.
+
+        out_index (B, n_out) picks the hidden rows that go through the LM head (default: all).
+        """
+        B, n = input_ids.shape
+        if positions is None:
+            positions = torch.arange(n, device=input_ids.device).expand(B, n)
+        h = self.embed(input_ids)
+        cos, sin = self.rope(positions)
+        for i, layer in enumerate(self.layers):
+            if layer_fn is None:
+                h = self.layer_full(layer, h, cos, sin, attn_mask)[0]
+            else:
+                h = layer_fn(i, layer, h, cos, sin)
+        if out_index is not None:
+            h = h.gather(1, out_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        return self.head(h)

@@ -1,0 +1,122 @@
+"""Building blocks shared by LLaDA and Dream, and the small per-layer API that cache policies use.
+
+A layer is split into the pieces a cache policy may want to run separately:
+``attn_in`` (norm) -> ``qkv`` -> RoPE (model level) -> ``attend`` -> ``attn_proj`` (+ residual) -> ``ffn`` (+ residual).
+(The names avoid the checkpoints' own submodule names: LLaDA's attn_norm/attn_out, Dream's mlp.)
+Shapes: B batch, n query positions, L key positions, H query heads, G kv heads, D head dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Normalise in fp32, cast back, then multiply by the weight (both references do this order)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin in fp32 for absolute positions (B, n) -> (B, n, 1, D), NeoX (rotate-half) layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
+    freqs = positions.float().unsqueeze(-1) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(2)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, fp32: bool) -> torch.Tensor:
+    """Rotate (B, n, heads*D). LLaDA rotates in fp32; Dream casts cos/sin to x's dtype first."""
+    B, n, _ = x.shape
+    xh = x.view(B, n, -1, head_dim)
+    if fp32:
+        xf = xh.float()
+        out = (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    else:
+        c, s = cos.to(x.dtype), sin.to(x.dtype)
+        out = xh * c + rotate_half(xh) * s
+    return out.reshape(B, n, -1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int,
+           mask: torch.Tensor | None) -> torch.Tensor:
+    """Bidirectional SDPA of queries (B, n, H*D) over keys/values (B, L, G*D); mask (B, 1, 1|n, L) bool."""
+    B, n, _ = q.shape
+    L = k.shape[1]
+    qh = q.view(B, n, -1, head_dim).transpose(1, 2)
+    kh = k.view(B, L, -1, head_dim).transpose(1, 2)
+    vh = v.view(B, L, -1, head_dim).transpose(1, 2)
+    gqa = qh.shape[1] != kh.shape[1]
+    o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=False, enable_gqa=gqa)
+    return o.transpose(1, 2).reshape(B, n, -1)
+
+
+def attention_probs_mean(q: torch.Tensor, k: torch.Tensor, head_dim: int,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+    """Head-mean attention probabilities (B, n, L) for a few queries, in fp32 (d2Cache's rollout input)."""
+    B, n, _ = q.shape
+    L = k.shape[1]
+    qh = q.view(B, n, -1, head_dim).transpose(1, 2).float()
+    kh = k.view(B, L, -1, head_dim).transpose(1, 2).float()
+    rep = qh.shape[1] // kh.shape[1]
+    if rep > 1:
+        kh = kh.repeat_interleave(rep, dim=1)
+    scores = qh @ kh.transpose(-1, -2) / math.sqrt(head_dim)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1).mean(1)
+
+
+class DecoderLayer(nn.Module):
+    """The per-layer API; subclasses only bind the checkpoint's module names."""
+
+    head_dim: int
+
+    def attn_in(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def qkv(self, hn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def v_only(self, hn: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attn_proj(self, o: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed MLP sublayer output (the residual is added by the caller)."""
+        raise NotImplementedError
+
+
+def linear(i: int, o: int, bias: bool) -> nn.Linear:
+    return nn.Linear(i, o, bias=bias)
+
+
+def gated_mlp(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
+    return down(F.silu(gate(x)) * up(x))
+
+
+def check_config(cfg: ModelConfig) -> None:
+    if cfg.d_model % cfg.n_heads and cfg.head_dim * cfg.n_heads != cfg.q_dim:
+        raise ValueError(f"config: d_model={cfg.d_model} not divisible by n_heads={cfg.n_heads}")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ValueError(f"config: n_heads={cfg.n_heads} not a multiple of n_kv_heads={cfg.n_kv_heads}")
