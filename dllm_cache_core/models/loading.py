@@ -124,4 +124,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     model.eval().requires_grad_(False)
     model.source_path = str(p)  # type: ignore[attr-defined]
     tok = load_tokenizer(p) if tokenizer else None
+    if tok is not None:
+        from ..engine import stop_ids_from_tokenizer
+
+        model.default_stop_ids = stop_ids_from_tokenizer(tok, cfg.eos_id)  # type: ignore[attr-defined]
+        eot = [t for t in model.default_stop_ids if t != cfg.eos_id]  # type: ignore[attr-defined]
+        model.eot_id = eot[0] if eot else None  # type: ignore[attr-defined]
     return model, tok

@@ -1,0 +1,121 @@
+"""Token choice and confidence, per family (reference semantics), never committing the mask token.
+
+All maths in fp32 (fp64 for the LLaDA Gumbel noise, as the reference). Per-row generators make
+sampled outputs independent of batch composition.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _per_row_rand(shape: tuple, gens: Sequence[torch.Generator], dtype, device) -> torch.Tensor:
+    return torch.stack([torch.rand(shape[1:], generator=g, dtype=dtype, device=device) for g in gens])
+
+
+def top_p_top_k(logits: torch.Tensor, top_p: Optional[float], top_k: Optional[int]) -> torch.Tensor:
+    """Dream's filters: nucleus keeps the first token past top_p; fill with finfo.min."""
+    if top_p is not None and top_p < 1:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        cum = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        remove = cum > top_p
+        remove[..., 1:] = remove[..., :-1].clone()
+        remove[..., 0] = False
+        mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, sorted_idx, remove)
+        logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+    if top_k is not None:
+        k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, k)[0][..., -1:]
+        logits = logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+    return logits
+
+
+def llada_choose(logits: torch.Tensor, *, temperature: float, remasking: str, mask_id: int,
+                 eos_id: int, eot_id: Optional[int], logits_eos_inf: bool, confidence_eos_eot_inf: bool,
+                 gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, confidence) for (B, n, V) logits, as LLaDA generate.py (softmax in fp32)."""
+    logits = logits.float()
+    if logits_eos_inf:
+        logits[..., eos_id] = float("-inf")
+    choice = logits.clone()
+    choice[..., mask_id] = float("-inf")
+    if temperature > 0:
+        u = _per_row_rand(choice.shape, gens, torch.float64, choice.device)
+        # argmax exp(l) / (-log u)^T == argmax l - T log(-log u): Gumbel-max, in float64
+        x0 = torch.argmax(choice.double() - temperature * torch.log(-torch.log(u)), dim=-1)
+    else:
+        x0 = torch.argmax(choice, dim=-1)
+    if confidence_eos_eot_inf and eot_id is not None:
+        logits[..., eot_id] = float("-inf")  # the reference's chained assignment: only the confidence sees it
+    if remasking == "low_confidence":
+        conf = torch.gather(F.softmax(logits, dim=-1), -1, x0.unsqueeze(-1)).squeeze(-1)
+    elif remasking == "random":
+        conf = _per_row_rand(x0.shape, gens, torch.float32, x0.device)
+    else:
+        raise ValueError(f"remasking={remasking!r} is not allowed for LLaDA; allowed: low_confidence, random")
+    return x0, conf
+
+
+def dream_choose(logits: torch.Tensor, *, temperature: float, top_p: Optional[float], top_k: Optional[int],
+                 alg: str, mask_id: int, gens: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, confidence) as Dream's sample_tokens: confidence by alg (maskgit_plus / origin: top-1 prob,
+    topk_margin: top1 - top2, entropy: negative entropy)."""
+    logits = logits.float()
+    if temperature > 0:
+        logits = top_p_top_k(logits / temperature, top_p, top_k)
+    probs = F.softmax(logits, dim=-1)
+    if temperature > 0:
+        choice = probs.clone()
+        choice[..., mask_id] = 0
+        B, n, V = choice.shape
+        flat = choice.view(B, n, V)
+        x0 = torch.stack([torch.multinomial(flat[b], 1, generator=gens[b]).squeeze(-1) for b in range(B)])
+    else:
+        choice = logits.clone()
+        choice[..., mask_id] = float("-inf")
+        x0 = torch.argmax(choice, dim=-1)
+    if alg == "topk_margin":
+        top2 = torch.topk(probs, 2, dim=-1)[0]
+        conf = top2[..., 0] - top2[..., 1]
+    elif alg == "entropy":
+        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
+    else:
+        conf = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
+    return x0, conf
+
+
+def topk_commit(score: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B, n) bool: each row's k[row] highest-score candidates (torch.topk per row, as the references)."""
+    s = score.masked_fill(~candidates, float("-inf"))
+    kmax = int(k.max()) if k.numel() else 0
+    out = torch.zeros_like(candidates)
+    if kmax == 0:
+        return out
+    _, idx = torch.topk(s, kmax, dim=-1)
+    keep = torch.arange(kmax, device=s.device).unsqueeze(0) < k.unsqueeze(1)
+    out.scatter_(1, idx, keep)
+    return out & candidates
+
+
+def threshold_commit(score: torch.Tensor, confidence: torch.Tensor, candidates: torch.Tensor,
+                     threshold: float) -> torch.Tensor:
+    """Fast-dLLM parallel decoding: every candidate with confidence >= threshold, plus the top one."""
+    s = score.masked_fill(~candidates, float("-inf"))
+    best = torch.zeros_like(candidates).scatter_(1, s.argmax(-1, keepdim=True), True)
+    return candidates & ((confidence >= threshold) | best)
+
+
+def sample_commit(score: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor, alg_temp: float,
+                  gens: Sequence[torch.Generator]) -> torch.Tensor:
+    """Dream alg_temp > 0: k positions drawn without replacement from softmax(score / alg_temp)."""
+    out = torch.zeros_like(candidates)
+    for b in range(score.shape[0]):
+        kb = int(k[b])
+        if kb <= 0:
+            continue
+        p = F.softmax(score[b].masked_fill(~candidates[b], float("-inf")) / alg_temp, dim=-1)
+        idx = torch.multinomial(p, min(kb, int(candidates[b].sum())), replacement=False, generator=gens[b])
+        out[b, idx] = True
+    return out & candidates

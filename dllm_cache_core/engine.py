@@ -1,0 +1,144 @@
+"""Engine: tokenizer + model + policy; text (or chat messages) in, text + stats out.
+
+Bad rows never raise: they come back with `error` and `error_type` set, so a batch job can write
+them out and go on. Only a whole-batch failure (e.g. CUDA OOM) propagates, for the caller to split.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .config import CacheConfig, GenerationConfig
+from .decoding.generate import generate
+from .models.loading import load_model, resolve_path
+from .stats import SampleStats
+
+ERROR_TYPES = ("empty_prompt", "too_long", "bad_input", "tokenizer", "oom", "generation")
+
+
+@dataclass
+class TextOutput:
+    text: Optional[str] = None
+    token_ids: list[int] = field(default_factory=list)
+    stats: Optional[SampleStats] = None
+    error: Optional[str] = None
+    error_type: Optional[str] = None
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """Content hash of a checkpoint folder: config/tokenizer files in full, weight files by their
+    safetensors header (names, dtypes, shapes, offsets) and size, so 16 GB need not be read."""
+    p = resolve_path(path)
+    h = hashlib.sha256()
+    for f in sorted(p.iterdir()):
+        if not f.is_file():
+            continue
+        h.update(f.name.encode())
+        if f.suffix == ".safetensors" and f.stat().st_size > (64 << 20):
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(n))
+            h.update(str(f.stat().st_size).encode())
+        else:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def stop_ids_from_tokenizer(tok, eos_id: int) -> tuple[int, ...]:
+    """EOS plus the chat template's end-of-turn token (LLaDA <|eot_id|>, Dream <|im_end|>)."""
+    ids = {eos_id}
+    vocab = tok.get_vocab() if tok is not None else {}
+    for t in ("<|eot_id|>", "<|im_end|>"):
+        if t in vocab:
+            ids.add(vocab[t])
+    return tuple(sorted(ids))
+
+
+class Engine:
+    def __init__(self, model, tokenizer, generation: GenerationConfig, cache: CacheConfig, seed: int = 0,
+                 model_path: str = ""):
+        self.model, self.tokenizer = model, tokenizer
+        self.generation, self.cache, self.seed = generation, cache, seed
+        self.model_path = model_path
+
+    @classmethod
+    def from_spec(cls, model_path: str, generation: GenerationConfig | None = None, cache: CacheConfig | None = None,
+                  device: str = "cpu", dtype: str = "float32", family: str = "auto", seed: int = 0) -> "Engine":
+        model, tok = load_model(model_path, device=device, dtype=dtype, family=family)
+        return cls(model, tok, generation or GenerationConfig(), cache or CacheConfig(), seed, str(model_path))
+
+    def model_fingerprint(self) -> str:
+        return model_fingerprint(self.model_path)
+
+    # -- tokenisation ---------------------------------------------------------------------------
+    def encode(self, prompt: Any, chat_template: bool = False) -> list[int]:
+        """Token ids of one prompt; ValueError/TypeError with an error_type prefix on bad input."""
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise _RowError("empty_prompt", "empty prompt")
+            if chat_template:
+                prompt = [{"role": "user", "content": prompt}]
+            else:
+                try:
+                    return list(tok(prompt)["input_ids"])
+                except Exception as e:  # noqa: BLE001  (any tokenizer failure is this row's error)
+                    raise _RowError("tokenizer", f"tokenizer failed: {e}") from e
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            for m in prompt:
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise _RowError("bad_input", "chat messages need string 'role' and 'content'")
+            if not any(m["content"].strip() for m in prompt):
+                raise _RowError("empty_prompt", "empty prompt")
+            try:
+                text = tok.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+                return list(tok(text, add_special_tokens=False)["input_ids"])
+            except Exception as e:  # noqa: BLE001
+                raise _RowError("tokenizer", f"chat template / tokenizer failed: {e}") from e
+        if prompt is None or (isinstance(prompt, (list, tuple)) and not prompt):
+            raise _RowError("empty_prompt", "empty prompt")
+        raise _RowError("bad_input", f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Any], row_ids: Optional[Sequence] = None,
+                 chat_template: bool = False) -> list[TextOutput]:
+        outs = [TextOutput() for _ in prompts]
+        ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+        good, good_ids, where = [], [], []
+        limit = self.model.config.max_len - self.generation.gen_length
+        for i, p in enumerate(prompts):
+            try:
+                t = self.encode(p, chat_template)
+                if not t:
+                    raise _RowError("empty_prompt", "prompt has no tokens")
+                if len(t) > limit:
+                    raise _RowError("too_long", f"prompt has {len(t)} tokens; at most {limit} fit with "
+                                                f"gen_length {self.generation.gen_length}")
+            except _RowError as e:
+                outs[i] = TextOutput(error=str(e), error_type=e.kind, stats=_error_stats())
+                continue
+            good.append(t)
+            good_ids.append(ids[i])
+            where.append(i)
+        if good:
+            res = generate(self.model, good, self.generation, self.cache, seed=self.seed, row_ids=good_ids)
+            for i, r in zip(where, res):
+                text = self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+                outs[i] = TextOutput(text=text, token_ids=r.token_ids, stats=r.stats)
+        return outs
+
+
+class _RowError(Exception):
+    def __init__(self, kind: str, msg: str):
+        super().__init__(msg)
+        self.kind = kind
+
+
+def _error_stats() -> SampleStats:
+    return SampleStats(finish_reason="error", flops_speedup=0.0, flops_speedup_total=0.0)
