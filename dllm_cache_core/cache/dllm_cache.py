@@ -1,0 +1,132 @@
+"""`dllm_cache` (dLLM-Cache, arXiv 2506.06295): per layer, prompt and response features are cached
+separately and refreshed on their own intervals; between refreshes the response tokens whose fresh V
+moved most are recomputed.
+
+Per layer the policy stores K, V (post-RoPE; bit-identical to the reference's pre-RoPE cache since the
+rotation is per position), the attention sublayer output (after the output projection) and the MLP
+sublayer output. The residual stream itself is never cached: each layer's output is
+``x + attn + mlp`` with fresh x and cached-or-fresh sublayer outputs.
+
+Schedule (forward counter c since the start of generation, 1-based, not reset per block):
+refresh prompt when (c - 1) % kp == 0, response when (c - 1) % kr == 0; layer 0 always in full.
+Between response refreshes, when 0 < rou <= 1: V of every response token is recomputed, the
+n = floor(rou * G) tokens whose new V is least cosine-similar to the cached V (per row) get their
+K, attention rows and MLP rows recomputed, and V is replaced for all response tokens.
+
+Differences from the reference hooks: the padding mask and per-row positions are honoured (the hooks
+attend to left padding), so a row's result does not depend on its batch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .base import CachePolicy, StepInfo
+from .registry import register
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t (B, L, ...) gathered at idx (B, n) along dim 1."""
+    shape = idx.shape + t.shape[2:]
+    return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(shape))
+
+
+def _put(t: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    t.scatter_(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(src.shape), src)
+
+
+@register
+class DLLMCache(CachePolicy):
+    name = "dllm_cache"
+    defaults = {"kp": 50, "kr": 2, "rou": 0.25}
+
+    @classmethod
+    def check_param(cls, name, value):
+        if name in ("kp", "kr") and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"cache.{name}={value!r} is not allowed; allowed: a positive integer")
+        if name == "rou" and not (isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0):
+            raise ValueError(f"cache.rou={value!r} is not allowed; allowed: a number in [0, 1]")
+
+    def __init__(self, ctx, **params):
+        super().__init__(ctx, **params)
+        cfg = self.model.config
+        B, L = ctx.batch, ctx.seq_len
+        dev, dt = ctx.positions.device, self.model.dtype
+        self.kv = self.kv_buffers()
+        self.attn = [torch.empty(B, L, cfg.d_model, dtype=dt, device=dev) for _ in range(cfg.n_layers)]
+        self.mlp = [torch.empty(B, L, cfg.d_model, dtype=dt, device=dev) for _ in range(cfg.n_layers)]
+        self.P, self.G = ctx.prompt_len, ctx.gen_length
+        self.n_sel = int(self.G * float(params["rou"]))
+        self.calls = 0
+        self.prompt_real = (ctx.real_len - self.G).double()
+        self.prompt_idx = torch.arange(self.P, device=dev).expand(B, -1)
+        d, kvd = cfg.d_model, cfg.kv_dim
+        # V projection of the response tokens not otherwise recomputed, plus the cosine similarity
+        self.select_overhead = 2.0 * d * kvd * (self.G - self.n_sel) + 6.0 * kvd * self.G
+
+    def _layer(self, i, layer, h, cos, sin, q_idx: Optional[torch.Tensor], v_gen: Optional[torch.Tensor]):
+        """Recompute attention + MLP rows at q_idx (None = every position) against the stored K/V;
+        every other row's sublayer outputs come from the cache. v_gen replaces the response V first."""
+        m, ctx = self.model, self.ctx
+        K, V, A, M = self.kv[i][0], self.kv[i][1], self.attn[i], self.mlp[i]
+        if v_gen is not None:
+            V[:, self.P:] = v_gen
+        if q_idx is None:
+            q, k, v = layer.qkv(layer.attn_in(h))
+            q, k = m.apply_rope(q, cos, sin), m.apply_rope(k, cos, sin)
+            K.copy_(k)
+            V.copy_(v)
+            A.copy_(layer.attn_proj(m.attend(q, K, V, ctx.attn_mask)))
+            h = h + A
+            M.copy_(layer.ffn(h))
+            return h + M
+        if q_idx.shape[1] == 0:
+            h = h + A
+            return h + M
+        cq, sq = _rows(cos, q_idx), _rows(sin, q_idx)
+        q, k, v = layer.qkv(layer.attn_in(_rows(h, q_idx)))
+        _put(K, q_idx, m.apply_rope(k, cq, sq))
+        _put(V, q_idx, v)
+        _put(A, q_idx, layer.attn_proj(m.attend(m.apply_rope(q, cq, sq), K, V, ctx.attn_mask)))
+        h = h + A
+        _put(M, q_idx, layer.ffn(_rows(h, q_idx)))
+        return h + M
+
+    def _select(self, i, layer, h) -> tuple[torch.Tensor, torch.Tensor]:
+        """(new response V, absolute indices of the n least-similar response tokens per row)."""
+        v_new = layer.v_only(layer.attn_in(h[:, self.P:]))
+        sim = F.cosine_similarity(v_new, self.kv[i][1][:, self.P:], dim=-1)
+        idx = torch.topk(sim, self.n_sel, dim=-1, largest=False).indices + self.P
+        return v_new, idx
+
+    def forward(self, x, step: StepInfo):
+        ctx, m = self.ctx, self.model
+        self.calls += 1
+        kp, kr = int(self.params["kp"]), int(self.params["kr"])
+        prompt_all = (self.calls - 1) % kp == 0
+        gen_all = (self.calls - 1) % kr == 0
+        adaptive = 0 < self.n_sel
+        real, cnt = ctx.real_len.double(), ctx.counters
+
+        def layer_fn(i, layer, h, cos, sin):
+            rp, rg = prompt_all or i == 0, gen_all or i == 0
+            if rp and rg:
+                cnt.add_layers(real, real)
+                return self._layer(i, layer, h, cos, sin, None, None)
+            if rg:  # response refreshed, prompt from cache
+                gen_idx = torch.arange(self.P, ctx.seq_len, device=h.device).expand(h.shape[0], -1)
+                cnt.add_layers(self.G, real)
+                return self._layer(i, layer, h, cos, sin, gen_idx, None)
+            v_gen, sel = self._select(i, layer, h) if adaptive else (None, None)
+            if adaptive:
+                cnt.add_flops(self.select_overhead)
+            parts = ([self.prompt_idx] if rp else []) + ([sel] if adaptive else [])
+            q_idx = torch.cat(parts, 1) if parts else self.prompt_idx[:, :0]
+            cnt.add_layers((self.prompt_real if rp else 0.0) + (self.n_sel if adaptive else 0), real)
+            return self._layer(i, layer, h, cos, sin, q_idx, v_gen)
+
+        logits = m(x, ctx.positions, ctx.attn_mask, layer_fn=layer_fn, out_index=self.out_index(step, 0))
+        cnt.add_head(step.end - step.start)
+        return logits
