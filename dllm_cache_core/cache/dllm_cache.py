@@ -108,25 +108,28 @@ class DLLMCache(CachePolicy):
         prompt_all = (self.calls - 1) % kp == 0
         gen_all = (self.calls - 1) % kr == 0
         adaptive = 0 < self.n_sel
-        real, cnt = ctx.real_len.double(), ctx.counters
+        n_layers = m.config.n_layers
+        # Which case each layer takes is known on the host, so the FLOPs are accounted once per
+        # forward (every recomputed query attends to all real keys).
+        full = n_layers if (prompt_all and gen_all) else 1
+        gen_only = 0 if (prompt_all and gen_all) else (n_layers - 1 if gen_all else 0)
+        partial = n_layers - full - gen_only
+        real = ctx.real_len.double()
+        q_partial = (self.prompt_real if prompt_all else 0.0) + (self.n_sel if adaptive else 0)
+        q_total = full * real + gen_only * self.G + partial * q_partial
+        ctx.counters.forward(q_total, real, head_rows=step.end - step.start, layers=1,
+                             extra=partial * self.select_overhead if adaptive else 0.0)
 
         def layer_fn(i, layer, h, cos, sin):
             rp, rg = prompt_all or i == 0, gen_all or i == 0
             if rp and rg:
-                cnt.add_layers(real, real)
                 return self._layer(i, layer, h, cos, sin, None, None)
             if rg:  # response refreshed, prompt from cache
                 gen_idx = torch.arange(self.P, ctx.seq_len, device=h.device).expand(h.shape[0], -1)
-                cnt.add_layers(self.G, real)
                 return self._layer(i, layer, h, cos, sin, gen_idx, None)
             v_gen, sel = self._select(i, layer, h) if adaptive else (None, None)
-            if adaptive:
-                cnt.add_flops(self.select_overhead)
             parts = ([self.prompt_idx] if rp else []) + ([sel] if adaptive else [])
             q_idx = torch.cat(parts, 1) if parts else self.prompt_idx[:, :0]
-            cnt.add_layers((self.prompt_real if rp else 0.0) + (self.n_sel if adaptive else 0), real)
             return self._layer(i, layer, h, cos, sin, q_idx, v_gen)
 
-        logits = m(x, ctx.positions, ctx.attn_mask, layer_fn=layer_fn, out_index=self.out_index(step, 0))
-        cnt.add_head(step.end - step.start)
-        return logits
+        return m(x, ctx.positions, ctx.attn_mask, layer_fn=layer_fn, out_index=self.out_index(step, 0))

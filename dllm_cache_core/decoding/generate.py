@@ -146,15 +146,17 @@ class _Decoder:
             self.commit(s, e, x0, first)
             self.policy.end_step(self.x, first, conf, step)
             i = 1
-        ts = dream_timesteps(spb, g.eps, self.x.device) if self.family == "dream" else None
-        counts = llada_transfer_counts((self.x[:, s:e] == self.mask_id).sum(1), spb) if ts is None else None
+        # Fixed schedules are the same for every live row (each block starts fully masked), so the
+        # per-step counts live on the host: no device sync in the step loop.
+        ts = dream_timesteps(spb, g.eps) if self.family == "dream" else None
+        counts = llada_transfer_counts(torch.tensor([BL]), spb)[0].tolist() if ts is None else None
+        n_left = BL - i
         while True:
-            masked = self.x[:, s:e] == self.mask_id
-            cand = masked & live.unsqueeze(1)
-            if g.threshold is None and i >= spb:
+            if g.threshold is None and (i >= spb or n_left <= 0):
                 break
-            if (g.threshold is not None or ts is not None) and not bool(cand.any()):
-                break  # data-dependent end (threshold) or a Dream block already complete
+            cand = (self.x[:, s:e] == self.mask_id) & live.unsqueeze(1)
+            if g.threshold is not None and not bool(cand.any()):
+                break  # data-dependent end of a threshold block
             active = cand.any(1)
             step = StepInfo(block=b, start=s, end=e, step=i, nfe=self.nfe)
             logits = self.predict(step, active)
@@ -163,17 +165,24 @@ class _Decoder:
             if g.threshold is not None:
                 chosen = threshold_commit(score, conf, cand, g.threshold)
             elif ts is None:
-                chosen = topk_commit(score, cand, counts[:, i])
+                chosen = topk_commit(score, cand, counts[i])
             else:
-                k = dream_transfer_count(cand.sum(1), i, spb, ts)
+                k = int(dream_transfer_count(torch.tensor([n_left]), i, spb, ts)[0])
                 if self.remasking == "origin":
                     p = 1.0 if i >= spb - 1 else float(1 - ts[i + 1] / ts[i])
                     u = torch.stack([torch.rand(BL, generator=gg, device=self.x.device) for gg in self.gens])
                     chosen = cand & (u < p)
+                    n_left = BL  # random reveal: counts differ per row, track on the device
+                    if i + 1 < spb and not bool((cand & ~chosen).any()):
+                        n_left = 0
                 elif g.alg_temp > 0:
-                    chosen = sample_commit(score, cand, k, g.alg_temp, self.gens)
+                    chosen = sample_commit(score, cand, torch.full((self.B,), k), g.alg_temp, self.gens)
+                    n_left -= k
                 else:
                     chosen = topk_commit(score, cand, k)
+                    n_left -= k
+            if ts is None and g.threshold is None:
+                n_left -= counts[i]
             self.commit(s, e, x0, chosen)
             self.policy.end_step(self.x, chosen, conf, step)
             i += 1

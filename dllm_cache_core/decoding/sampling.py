@@ -39,18 +39,21 @@ def llada_choose(logits: torch.Tensor, *, temperature: float, remasking: str, ma
     logits = logits.float()
     if logits_eos_inf:
         logits[..., eos_id] = float("-inf")
-    choice = logits.clone()
-    choice[..., mask_id] = float("-inf")
+    # exclude the mask token from the choice without copying the (B, n, V) logits
+    saved = logits[..., mask_id].clone()
+    logits[..., mask_id] = float("-inf")
     if temperature > 0:
-        u = _per_row_rand(choice.shape, gens, torch.float64, choice.device)
+        u = _per_row_rand(logits.shape, gens, torch.float64, logits.device)
         # argmax exp(l) / (-log u)^T == argmax l - T log(-log u): Gumbel-max, in float64
-        x0 = torch.argmax(choice.double() - temperature * torch.log(-torch.log(u)), dim=-1)
+        x0 = torch.argmax(logits.double() - temperature * torch.log(-torch.log(u)), dim=-1)
     else:
-        x0 = torch.argmax(choice, dim=-1)
+        x0 = torch.argmax(logits, dim=-1)
+    logits[..., mask_id] = saved
     if confidence_eos_eot_inf and eot_id is not None:
         logits[..., eot_id] = float("-inf")  # the reference's chained assignment: only the confidence sees it
     if remasking == "low_confidence":
-        conf = torch.gather(F.softmax(logits, dim=-1), -1, x0.unsqueeze(-1)).squeeze(-1)
+        # softmax(l)[x0] = exp(l[x0] - logsumexp(l)): one reduction instead of a (B, n, V) softmax
+        conf = torch.exp(torch.gather(logits, -1, x0.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1))
     elif remasking == "random":
         conf = _per_row_rand(x0.shape, gens, torch.float32, x0.device)
     else:
@@ -86,16 +89,14 @@ def dream_choose(logits: torch.Tensor, *, temperature: float, top_p: Optional[fl
     return x0, conf
 
 
-def topk_commit(score: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """(B, n) bool: each row's k[row] highest-score candidates (torch.topk per row, as the references)."""
-    s = score.masked_fill(~candidates, float("-inf"))
-    kmax = int(k.max()) if k.numel() else 0
+def topk_commit(score: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, n) bool: each row's k highest-score candidates (torch.topk per row, as the references)."""
     out = torch.zeros_like(candidates)
-    if kmax == 0:
+    k = min(int(k), score.shape[-1])
+    if k <= 0:
         return out
-    _, idx = torch.topk(s, kmax, dim=-1)
-    keep = torch.arange(kmax, device=s.device).unsqueeze(0) < k.unsqueeze(1)
-    out.scatter_(1, idx, keep)
+    _, idx = torch.topk(score.masked_fill(~candidates, float("-inf")), k, dim=-1)
+    out.scatter_(1, idx, True)
     return out & candidates
 
 

@@ -93,6 +93,17 @@ def load_weights(model: DiffusionLM, path: Path, device: torch.device, dtype: to
 def load_tokenizer(path: Path):
     """AutoTokenizer without remote code; Dream's custom class falls back to the stock Qwen2 classes."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns about the unknown model type
+    try:
+        return _load_tokenizer(path, AutoTokenizer, PreTrainedTokenizerFast)
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _load_tokenizer(path: Path, AutoTokenizer, PreTrainedTokenizerFast):
 
     tc: dict[str, Any] = {}
     if (path / "tokenizer_config.json").exists():
