@@ -6,6 +6,7 @@ policies drive it through ``model.forward(..., layer_fn=...)`` and the layer API
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -126,6 +127,14 @@ class CachePolicy:
         """Recompute queries [q_start, q_end) in every layer, write their K/V into the cache in place
         and attend over the whole cached sequence (Fast-dLLM's sliced call with a KV cache)."""
         ctx, m = self.ctx, self.model
+        if use_cuda_graphs(x):
+            graphs = self.__dict__.setdefault("_range_graphs", {})
+            key = (q_end - q_start, id(kv))
+            if key not in graphs:
+                graphs[key] = RangeStepGraph(self, q_end - q_start, kv, pool=_first_pool(graphs))
+            logits = graphs[key].run(x, q_start, self.out_index(step, q_start))
+            ctx.counters.forward(q_end - q_start, ctx.real_len, head_rows=step.end - step.start)
+            return logits
 
         def layer_fn(i, layer, h, cos, sin):
             q, k, v = layer.qkv(layer.attn_in(h))
@@ -139,3 +148,71 @@ class CachePolicy:
                    layer_fn=layer_fn, out_index=self.out_index(step, q_start))
         ctx.counters.forward(q_end - q_start, ctx.real_len, head_rows=step.end - step.start)
         return logits
+
+
+def use_cuda_graphs(x: torch.Tensor) -> bool:
+    """Cached block steps are replayed as CUDA graphs on GPUs (launch overhead dominates at small
+    batch); DLLM_CUDA_GRAPHS=0 turns this off, =force runs the graph body eagerly on CPU (tests)."""
+    flag = os.environ.get("DLLM_CUDA_GRAPHS", "1")
+    return flag == "force" or (x.is_cuda and flag != "0")
+
+
+def _first_pool(graphs: dict):
+    """Graphs of one generate() call replay one after another, so they share a memory pool."""
+    for g in graphs.values():
+        if g.captured:
+            return g.graph.pool()
+    return None
+
+
+class RangeStepGraph:
+    """One CUDA graph of `cached_range_forward` for a fixed query count n: the query range moves
+    through static index buffers (index_copy_ into the K/V cache), so every block reuses it."""
+
+    def __init__(self, policy: CachePolicy, n: int, kv: list, pool=None):
+        ctx, m = policy.ctx, policy.model
+        B, dev = ctx.batch, ctx.positions.device
+        self.ctx, self.model, self.kv = ctx, m, kv
+        self.ar = torch.arange(n, device=dev)
+        self.idx = torch.zeros(n, dtype=torch.long, device=dev)
+        self.ids = torch.zeros(B, n, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(B, n, dtype=torch.long, device=dev)
+        self.oidx = torch.zeros(B, ctx.block_length, dtype=torch.long, device=dev)
+        self.graph = torch.cuda.CUDAGraph() if dev.type == "cuda" else None
+        self.pool = pool
+        self.captured = False
+
+    def _body(self) -> torch.Tensor:
+        ctx, m, kv, idx = self.ctx, self.model, self.kv, self.idx
+        h = m.embed(self.ids)
+        cos, sin = m.rope(self.pos)
+        for i, layer in enumerate(m.layers):
+            q, k, v = layer.qkv(layer.attn_in(h))
+            K, V = kv[i]
+            K.index_copy_(1, idx, m.apply_rope(k, cos, sin))
+            V.index_copy_(1, idx, v)
+            h = h + layer.attn_proj(m.attend(m.apply_rope(q, cos, sin), K, V, ctx.attn_mask))
+            h = h + layer.ffn(h)
+        h = h.gather(1, self.oidx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        return m.head(h)
+
+    def run(self, x: torch.Tensor, q_start: int, out_index: torch.Tensor) -> torch.Tensor:
+        n = self.ar.shape[0]
+        self.idx.copy_(self.ar + q_start)
+        self.ids.copy_(x[:, q_start:q_start + n])
+        self.pos.copy_(self.ctx.positions[:, q_start:q_start + n])
+        self.oidx.copy_(out_index)
+        if not x.is_cuda:  # DLLM_CUDA_GRAPHS=force on CPU: the same static-index body, run eagerly (tests)
+            return self._body()
+        if not self.captured:
+            # Warm-up and capture write the same K/V the step itself writes (same inputs): harmless.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._body()
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                self.logits = self._body()
+            self.captured = True
+        self.graph.replay()
+        return self.logits
