@@ -73,10 +73,12 @@ class RowCounters:
         self.flops = z(torch.float64)
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
 
-    def forward(self, q_tokens, keys, head_rows: int, layers: int | None = None, extra=0.0) -> None:
-        """Account one forward for the active rows: q_tokens recomputed positions per layer, each
-        attending to `keys` keys (scalars or (B,) tensors), over `layers` layers (default all)."""
-        a = self.active.double()
+    def forward(self, q_tokens, keys, head_rows: int, layers: int | None = None, extra=0.0,
+                rows: torch.Tensor | None = None) -> None:
+        """Account one forward for the active rows (restricted to `rows` when given): q_tokens
+        recomputed positions per layer, each attending to `keys` keys (scalars or (B,) tensors),
+        over `layers` layers (default all)."""
+        a = (self.active if rows is None else self.active & rows).double()
         n = self.fm.n_layers if layers is None else layers
         q = torch.as_tensor(q_tokens, dtype=torch.float64, device=a.device)
         k = torch.as_tensor(keys, dtype=torch.float64, device=a.device)

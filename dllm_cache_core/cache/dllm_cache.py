@@ -59,18 +59,18 @@ class DLLMCache(CachePolicy):
         self.mlp = [torch.empty(B, L, cfg.d_model, dtype=dt, device=dev) for _ in range(cfg.n_layers)]
         self.P, self.G = ctx.prompt_len, ctx.gen_length
         self.n_sel = int(self.G * float(params["rou"]))
-        self.calls = 0
+        self.calls = [0] * B  # forwards each row took part in: a row's schedule is its own
         self.prompt_real = (ctx.real_len - self.G).double()
-        self.prompt_idx = torch.arange(self.P, device=dev).expand(B, -1)
         d, kvd = cfg.d_model, cfg.kv_dim
-        # V projection of the response tokens not otherwise recomputed, plus the cosine similarity
-        self.select_overhead = 2.0 * d * kvd * (self.G - self.n_sel) + 6.0 * kvd * self.G
+        # V projection of every response token, plus the cosine similarity
+        self.select_overhead = 2.0 * d * kvd * self.G + 6.0 * kvd * self.G
 
-    def _layer(self, i, layer, h, cos, sin, q_idx: Optional[torch.Tensor], v_gen: Optional[torch.Tensor]):
+    def _layer(self, st: "_State", i, layer, h, cos, sin, q_idx: Optional[torch.Tensor],
+               v_gen: Optional[torch.Tensor]):
         """Recompute attention + MLP rows at q_idx (None = every position) against the stored K/V;
         every other row's sublayer outputs come from the cache. v_gen replaces the response V first."""
-        m, ctx = self.model, self.ctx
-        K, V, A, M = self.kv[i][0], self.kv[i][1], self.attn[i], self.mlp[i]
+        m = self.model
+        K, V, A, M = st.kv[i][0], st.kv[i][1], st.attn[i], st.mlp[i]
         if v_gen is not None:
             V[:, self.P:] = v_gen
         if q_idx is None:
@@ -78,7 +78,7 @@ class DLLMCache(CachePolicy):
             q, k = m.apply_rope(q, cos, sin), m.apply_rope(k, cos, sin)
             K.copy_(k)
             V.copy_(v)
-            A.copy_(layer.attn_proj(m.attend(q, K, V, ctx.attn_mask)))
+            A.copy_(layer.attn_proj(m.attend(q, K, V, st.mask)))
             h = h + A
             M.copy_(layer.ffn(h))
             return h + M
@@ -89,25 +89,44 @@ class DLLMCache(CachePolicy):
         q, k, v = layer.qkv(layer.attn_in(_rows(h, q_idx)))
         _put(K, q_idx, m.apply_rope(k, cq, sq))
         _put(V, q_idx, v)
-        _put(A, q_idx, layer.attn_proj(m.attend(m.apply_rope(q, cq, sq), K, V, ctx.attn_mask)))
+        _put(A, q_idx, layer.attn_proj(m.attend(m.apply_rope(q, cq, sq), K, V, st.mask)))
         h = h + A
         _put(M, q_idx, layer.ffn(_rows(h, q_idx)))
         return h + M
 
-    def _select(self, i, layer, h) -> tuple[torch.Tensor, torch.Tensor]:
+    def _select(self, st: "_State", i, layer, h) -> tuple[torch.Tensor, torch.Tensor]:
         """(new response V, absolute indices of the n least-similar response tokens per row)."""
         v_new = layer.v_only(layer.attn_in(h[:, self.P:]))
-        sim = F.cosine_similarity(v_new, self.kv[i][1][:, self.P:], dim=-1)
+        sim = F.cosine_similarity(v_new, st.kv[i][1][:, self.P:], dim=-1)
         idx = torch.topk(sim, self.n_sel, dim=-1, largest=False).indices + self.P
         return v_new, idx
 
     def forward(self, x, step: StepInfo):
-        ctx, m = self.ctx, self.model
-        self.calls += 1
+        """Rows are grouped by where they are in their own refresh schedule; a row inactive this
+        step (its block already done) is left untouched, so its state is what it would be alone."""
+        ctx = self.ctx
         kp, kr = int(self.params["kp"]), int(self.params["kr"])
-        prompt_all = (self.calls - 1) % kp == 0
-        gen_all = (self.calls - 1) % kr == 0
+        groups: dict[tuple[bool, bool], list[int]] = {}
+        for r, a in enumerate(ctx.counters.active.tolist()):
+            if a:
+                self.calls[r] += 1
+                c = self.calls[r] - 1
+                groups.setdefault((c % kp == 0, c % kr == 0), []).append(r)
+        if len(groups) == 1 and len(next(iter(groups.values()))) == ctx.batch:
+            return self._run(x, step, None, next(iter(groups)))
+        V = self.model.config.vocab_size
+        out = torch.zeros(ctx.batch, step.end - step.start, V, dtype=self.model.dtype, device=x.device)
+        for flags, rows in groups.items():
+            idx = torch.tensor(rows, device=x.device)
+            out[idx] = self._run(x, step, idx, flags)
+        return out
+
+    def _run(self, x, step: StepInfo, rows: Optional[torch.Tensor], flags: tuple[bool, bool]):
+        """One forward of the rows `rows` (None = all) that share refresh flags."""
+        ctx, m = self.ctx, self.model
+        prompt_all, gen_all = flags
         adaptive = 0 < self.n_sel
+        st = _State.of(self, rows)
         n_layers = m.config.n_layers
         # Which case each layer takes is known on the host, so the FLOPs are accounted once per
         # forward (every recomputed query attends to all real keys).
@@ -117,19 +136,53 @@ class DLLMCache(CachePolicy):
         real = ctx.real_len.double()
         q_partial = (self.prompt_real if prompt_all else 0.0) + (self.n_sel if adaptive else 0)
         q_total = full * real + gen_only * self.G + partial * q_partial
-        ctx.counters.forward(q_total, real, head_rows=step.end - step.start, layers=1,
-                             extra=partial * self.select_overhead if adaptive else 0.0)
+        extra = partial * self.select_overhead if adaptive else 0.0
+        sel_rows = torch.ones_like(ctx.counters.active) if rows is None else \
+            torch.zeros_like(ctx.counters.active).index_fill_(0, rows, True)
+        ctx.counters.forward(q_total * sel_rows, real, head_rows=(step.end - step.start), layers=1,
+                             extra=extra * sel_rows.double(), rows=sel_rows)
+        B = st.positions.shape[0]
+        prompt_idx = torch.arange(self.P, device=x.device).expand(B, -1)
 
         def layer_fn(i, layer, h, cos, sin):
             rp, rg = prompt_all or i == 0, gen_all or i == 0
             if rp and rg:
-                return self._layer(i, layer, h, cos, sin, None, None)
+                return self._layer(st, i, layer, h, cos, sin, None, None)
             if rg:  # response refreshed, prompt from cache
-                gen_idx = torch.arange(self.P, ctx.seq_len, device=h.device).expand(h.shape[0], -1)
-                return self._layer(i, layer, h, cos, sin, gen_idx, None)
-            v_gen, sel = self._select(i, layer, h) if adaptive else (None, None)
-            parts = ([self.prompt_idx] if rp else []) + ([sel] if adaptive else [])
-            q_idx = torch.cat(parts, 1) if parts else self.prompt_idx[:, :0]
-            return self._layer(i, layer, h, cos, sin, q_idx, v_gen)
+                gen_idx = torch.arange(self.P, ctx.seq_len, device=h.device).expand(B, -1)
+                return self._layer(st, i, layer, h, cos, sin, gen_idx, None)
+            v_gen, sel = self._select(st, i, layer, h) if adaptive else (None, None)
+            parts = ([prompt_idx] if rp else []) + ([sel] if adaptive else [])
+            q_idx = torch.cat(parts, 1) if parts else prompt_idx[:, :0]
+            return self._layer(st, i, layer, h, cos, sin, q_idx, v_gen)
 
-        return m(x, ctx.positions, ctx.attn_mask, layer_fn=layer_fn, out_index=self.out_index(step, 0))
+        xs = x if rows is None else x[rows]
+        out_index = self.out_index(step, 0)[:B]
+        logits = m(xs, st.positions, st.mask, layer_fn=layer_fn, out_index=out_index)
+        st.write_back(self, rows)
+        return logits
+
+
+class _State:
+    """The per-layer buffers (and mask/positions) of a subset of rows: views for the whole batch,
+    gathered copies for a subset (written back after the forward)."""
+
+    def __init__(self, kv, attn, mlp, positions, mask):
+        self.kv, self.attn, self.mlp, self.positions, self.mask = kv, attn, mlp, positions, mask
+
+    @classmethod
+    def of(cls, p: DLLMCache, rows: Optional[torch.Tensor]) -> "_State":
+        ctx = p.ctx
+        if rows is None:
+            return cls(p.kv, p.attn, p.mlp, ctx.positions, ctx.attn_mask)
+        return cls([(k[rows], v[rows]) for k, v in p.kv], [a[rows] for a in p.attn], [b[rows] for b in p.mlp],
+                   ctx.positions[rows], None if ctx.attn_mask is None else ctx.attn_mask[rows])
+
+    def write_back(self, p: DLLMCache, rows: Optional[torch.Tensor]) -> None:
+        if rows is None:
+            return
+        for (k, v), (ks, vs) in zip(p.kv, self.kv):
+            k.index_copy_(0, rows, ks)
+            v.index_copy_(0, rows, vs)
+        for a, s in zip(p.attn + p.mlp, self.attn + self.mlp):
+            a.index_copy_(0, rows, s)

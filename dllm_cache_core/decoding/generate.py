@@ -106,16 +106,28 @@ class _Decoder:
             logits = un + (self.gen.cfg_scale + 1) * (cond - un)
         return logits
 
-    def choose(self, logits: torch.Tensor, threshold_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def stochastic(self) -> bool:
+        g = self.gen
+        return g.temperature > 0 or g.alg_temp > 0 or self.remasking in ("random", "origin")
+
+    def row_gens(self, active: torch.Tensor) -> list:
+        """Generators of the rows active this step (None for the others), so that a row draws random
+        numbers only on its own steps. Syncs with the host, hence only for stochastic decoding."""
+        if not self.stochastic:
+            return [None] * self.B
+        return [g if a else None for g, a in zip(self.gens, active.tolist())]
+
+    def choose(self, logits: torch.Tensor, threshold_mode: bool, gens: list) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.gen
         if self.family == "llada":
             return llada_choose(logits, temperature=g.temperature, remasking=self.remasking, mask_id=self.mask_id,
                                 eos_id=self.cfg.eos_id, eot_id=getattr(self.model, "eot_id", None),
                                 logits_eos_inf=g.logits_eos_inf, confidence_eos_eot_inf=g.confidence_eos_eot_inf,
-                                gens=self.gens)
+                                gens=gens)
         alg = "maskgit_plus" if threshold_mode else self.remasking
         return dream_choose(logits, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, alg=alg,
-                            mask_id=self.mask_id, gens=self.gens)
+                            mask_id=self.mask_id, gens=gens)
 
     def score(self, conf: torch.Tensor, s: int, e: int) -> torch.Tensor:
         sigma = self.gen.certainty_prior_sigma
@@ -140,7 +152,7 @@ class _Decoder:
         i = 0
         if dream_blocks:  # Fast-dLLM's Dream block sampler: the block's first position from its first forward
             logits = self.predict(step, live)
-            x0, conf = self.choose(logits, threshold_mode=g.threshold is not None)
+            x0, conf = self.choose(logits, g.threshold is not None, self.row_gens(live))
             first = torch.zeros_like(x0, dtype=torch.bool)
             first[:, 0] = live
             self.commit(s, e, x0, first)
@@ -160,7 +172,8 @@ class _Decoder:
             active = cand.any(1)
             step = StepInfo(block=b, start=s, end=e, step=i, nfe=self.nfe)
             logits = self.predict(step, active)
-            x0, conf = self.choose(logits, threshold_mode=g.threshold is not None)
+            gens = self.row_gens(active)
+            x0, conf = self.choose(logits, g.threshold is not None, gens)
             score = self.score(conf, s, e)
             if g.threshold is not None:
                 chosen = threshold_commit(score, conf, cand, g.threshold)
@@ -170,13 +183,14 @@ class _Decoder:
                 k = int(dream_transfer_count(torch.tensor([n_left]), i, spb, ts)[0])
                 if self.remasking == "origin":
                     p = 1.0 if i >= spb - 1 else float(1 - ts[i + 1] / ts[i])
-                    u = torch.stack([torch.rand(BL, generator=gg, device=self.x.device) for gg in self.gens])
+                    u = torch.stack([torch.rand(BL, generator=gg, device=self.x.device) if gg is not None
+                                     else torch.ones(BL, device=self.x.device) for gg in gens])
                     chosen = cand & (u < p)
                     n_left = BL  # random reveal: counts differ per row, track on the device
                     if i + 1 < spb and not bool((cand & ~chosen).any()):
                         n_left = 0
                 elif g.alg_temp > 0:
-                    chosen = sample_commit(score, cand, torch.full((self.B,), k), g.alg_temp, self.gens)
+                    chosen = sample_commit(score, cand, torch.full((self.B,), k), g.alg_temp, gens)
                     n_left -= k
                 else:
                     chosen = topk_commit(score, cand, k)

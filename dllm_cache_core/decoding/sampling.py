@@ -11,8 +11,11 @@ import torch
 import torch.nn.functional as F
 
 
-def _per_row_rand(shape: tuple, gens: Sequence[torch.Generator], dtype, device) -> torch.Tensor:
-    return torch.stack([torch.rand(shape[1:], generator=g, dtype=dtype, device=device) for g in gens])
+def _per_row_rand(shape: tuple, gens: Sequence[Optional[torch.Generator]], dtype, device) -> torch.Tensor:
+    """Uniforms from each row's own generator; rows whose generator is None (inactive this step)
+    draw nothing, so a row's random stream depends only on its own steps, not on its batch."""
+    return torch.stack([torch.rand(shape[1:], generator=g, dtype=dtype, device=device) if g is not None
+                        else torch.full(shape[1:], 0.5, dtype=dtype, device=device) for g in gens])
 
 
 def top_p_top_k(logits: torch.Tensor, top_p: Optional[float], top_k: Optional[int]) -> torch.Tensor:
@@ -49,8 +52,13 @@ def llada_choose(logits: torch.Tensor, *, temperature: float, remasking: str, ma
     else:
         x0 = torch.argmax(logits, dim=-1)
     logits[..., mask_id] = saved
-    if confidence_eos_eot_inf and eot_id is not None:
-        logits[..., eot_id] = float("-inf")  # the reference's chained assignment: only the confidence sees it
+    if confidence_eos_eot_inf:
+        # The reference's chained assignment `noisy[..., EOS] = logits[..., EoT] = -inf` runs after x0
+        # is chosen; at temperature 0 `noisy` IS `logits`, so the confidence loses both EOS and EoT.
+        if eot_id is not None:
+            logits[..., eot_id] = float("-inf")
+        if temperature == 0:
+            logits[..., eos_id] = float("-inf")
     if remasking == "low_confidence":
         # softmax(l)[x0] = exp(l[x0] - logsumexp(l)): one reduction instead of a (B, n, V) softmax
         conf = torch.exp(torch.gather(logits, -1, x0.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1))
@@ -67,14 +75,16 @@ def dream_choose(logits: torch.Tensor, *, temperature: float, top_p: Optional[fl
     topk_margin: top1 - top2, entropy: negative entropy)."""
     logits = logits.float()
     if temperature > 0:
-        logits = top_p_top_k(logits / temperature, top_p, top_k)
+        logits = logits / temperature
+    logits = top_p_top_k(logits, top_p, top_k)  # Dream filters at any temperature: it changes confidences
     probs = F.softmax(logits, dim=-1)
     if temperature > 0:
         choice = probs.clone()
         choice[..., mask_id] = 0
         B, n, V = choice.shape
         flat = choice.view(B, n, V)
-        x0 = torch.stack([torch.multinomial(flat[b], 1, generator=gens[b]).squeeze(-1) for b in range(B)])
+        x0 = torch.stack([torch.multinomial(flat[b], 1, generator=gens[b]).squeeze(-1) if gens[b] is not None
+                          else flat[b].argmax(-1) for b in range(B)])
     else:
         choice = logits.clone()
         choice[..., mask_id] = float("-inf")
@@ -113,10 +123,10 @@ def sample_commit(score: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor
     """Dream alg_temp > 0: k positions drawn without replacement from softmax(score / alg_temp)."""
     out = torch.zeros_like(candidates)
     for b in range(score.shape[0]):
-        kb = int(k[b])
-        if kb <= 0:
+        kb = min(int(k[b]), int(candidates[b].sum()))
+        if kb <= 0 or gens[b] is None:
             continue
         p = F.softmax(score[b].masked_fill(~candidates[b], float("-inf")) / alg_temp, dim=-1)
-        idx = torch.multinomial(p, min(kb, int(candidates[b].sum())), replacement=False, generator=gens[b])
+        idx = torch.multinomial(p, kb, replacement=False, generator=gens[b])
         out[b, idx] = True
     return out & candidates
