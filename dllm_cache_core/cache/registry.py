@@ -7,6 +7,7 @@ if TYPE_CHECKING:
     from .base import CachePolicy
 
 _POLICIES: dict[str, type["CachePolicy"]] = {}
+_LOADED = False
 
 
 def register(cls: type["CachePolicy"]) -> type["CachePolicy"]:
@@ -15,15 +16,11 @@ def register(cls: type["CachePolicy"]) -> type["CachePolicy"]:
 
 
 def _load_builtin() -> None:
-    if not _POLICIES:
-        import importlib
-
-        for mod in ("none", "prefix", "dual", "dllm_cache", "d2cache"):
-            try:
-                importlib.import_module(f"{__package__}.{mod}")  # each file registers itself
-            except ModuleNotFoundError as e:
-                if e.name != f"{__package__}.{mod}":
-                    raise
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        # each file registers itself; this order is the order error messages list them in
+        from . import none, prefix, dual, dllm_cache, d2cache  # noqa: F401,I001
 
 
 def policy_names() -> list[str]:

@@ -125,7 +125,10 @@ class _Decoder:
                                 eos_id=self.cfg.eos_id, eot_id=getattr(self.model, "eot_id", None),
                                 logits_eos_inf=g.logits_eos_inf, confidence_eos_eot_inf=g.confidence_eos_eot_inf,
                                 gens=gens)
-        alg = "maskgit_plus" if threshold_mode else self.remasking
+        # Threshold decoding and the certainty prior rank by the top-1 probability (Fast-dLLM's
+        # confidence_threshold; d2Cache's prior multiplies a probability, and Dream's negative
+        # entropy would flip its sign).
+        alg = "maskgit_plus" if threshold_mode or g.certainty_prior_sigma is not None else self.remasking
         return dream_choose(logits, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, alg=alg,
                             mask_id=self.mask_id, gens=gens)
 

@@ -1,0 +1,296 @@
+"""`d2cache` (d2Cache, arXiv 2509.23094): per step only a chosen set of positions runs through the
+network; every other position's K/V is reused from the cache.
+
+Forward
+    The first forward of a generate() call is a full forward; it stores the rotated K/V of every
+    position. Each later forward feeds only the positions selected at the end of the previous step
+    (``self.sel``, (B, L) bool): per layer their q/k/v are computed, their K/V written into the cache in
+    place, their queries attend over the whole cached sequence (padding masked) and the FFN runs on
+    them only. Rows are padded to the batch's largest count with *invalid* query slots: an invalid
+    slot writes its K/V into a trash row behind the cache, never produces logits, and carries no
+    weight in the rollout, so a row's result does not depend on its batch. For the same reason a row
+    that is idle in a forward (its block is done while other rows still decode it: the loop's
+    ``counters.active``) computes nothing and keeps its cache, confidences, importance and selection.
+    Logits: the LM head runs only on the selected queries that predict a still-masked response
+    position (Dream: the query for position j is j - 1; response index 0 is predicted by the last
+    prompt token). Block positions that were not computed get all-zero logits (uniform, confidence
+    1/V), as in the reference. Rank with a non-negative confidence when certainty-prior decoding is on
+    (LLaDA low_confidence, Dream maskgit_plus, as the paper): with Dream's negative entropy score the
+    prior product prefers low-density positions, and uncomputed (zero-logit) ones can then be committed.
+
+Selection for the next forward (``end_step``, per row, batched)
+    Stage 1 (masked tokens): score = confidence x certainty_density(decoded, sigma), where confidence is
+    the latest top-1 probability (mask token excluded from the argmax, as the sampler) of each masked
+    position, refreshed whenever its prediction is computed. Window: from the start of the row's
+    current block (the block holding its first still-masked position, i.e. the block the next forward
+    decodes) to the end of the block holding its current_k-th still-masked position (end of the
+    response if fewer remain); tokens of the current block rank before all others; top current_k.
+    Plus every token committed this step (its input id changed). Dream: a picked masked position j
+    selects query j - 1.
+    Stage 2 (everything else, prompt included, padding excluded): nucleus over attention-rollout
+    importance, the sorted prefix whose cumulative share is <= rollout_p, at least one; rollout_p >= 1
+    takes every candidate (so that float rounding of the cumulative sum cannot drop one).
+    Inflate: an unselected position i between selected a < i < b with b - a <= inflate_w is selected
+    (the reference's gap rule). With semi-AR blocks the query that predicts a block's first position is
+    also forced into the block's first forward (Dream's block sampler commits that position from it).
+
+Attention rollout without T x T matrices (see ``rollout_importance``).
+
+Differences from the reference implementation (Kamichanw/d2Cache, src/cache/d2cache.py)
+    1. Confidence refresh. The reference means to refresh ``_conf_cache`` each step with the new
+       confidences of positions computed while masked, but ``conf_cache[active][valid] = ...`` writes
+       into a temporary copy made by the chained boolean indexing (a no-op), and its valid mask
+       ``a[:, P:] & b == mask_id`` parses as ``(a & b) == mask_id`` (operator precedence); net effect:
+       the confidences stay frozen at the first step's values. We implement the paper's intent: each
+       masked position's confidence is the one from the latest forward that computed its prediction
+       (the first forward computes all of them). It is the top-1 probability computed here from the
+       logits (the reference's default maskgit_plus confidence), independent of the sampler's ranking
+       score (Dream's default entropy is negative, which would invert the density product), and it
+       covers positions beyond the current block, which the decoding loop does not rank.
+    2. Per-row choices. The reference's block bias adds the *batch-global* max score, and its
+       top_up_mask pads rows to equal counts with extra real tokens chosen by a batch-dependent rule;
+       here the block preference is a per-row lexicographic rank and padding slots are inert, so a
+       row's selection never depends on the other rows.
+    3. Dream: the reference *assigns* ``q_mask[:, P-1] = picked[0]`` after stage 2, which can drop a
+       last-prompt-token chosen by the rollout; we OR it.
+    4. Rollout in fp32 (the reference casts the attention probabilities to the model dtype).
+    5. Current block. The reference biases and starts the window at the block decoded in the step
+       that just ended, also right after that block completed; we use the block the next forward
+       decodes (the row's first still-masked block), and with semi-AR blocks always compute the query
+       that predicts a new block's first position at that block's first forward.
+    6. CFG (cfg_scale > 0): the unconditional rows reuse the conditional rows' selection; confidences
+       and rollout importance come from the conditional rows.
+
+Cost (stats, per row and forward; padding and invalid slots never counted)
+    - layers: n_sel real queries per layer, each attending to real_len keys (``counters.forward``);
+    - LM head: the rows actually computed (queries predicting still-masked positions);
+    - overhead, per layer: attention probabilities for the n_sel queries, recomputed in fp32 next to
+      the fused SDPA call: (2 * n_heads * head_dim + 5 * n_heads) FLOPs per (query, key) pair (QK^T
+      again, plus scale, exp, sum, divide and head-mean per head); and the rollout vector product:
+      2 * n_sel * real_len + 3 * n_sel.
+    Memory: the head-mean probabilities (B, n_sel, L) fp32 of every layer live until the end of the
+    forward; the first forward (all L queries, padding included, counted as real_len) holds
+    n_layers x B x L x L floats, as much as the reference's dense rollout.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..decoding.schedule import certainty_density
+from ..models.layers import attention_probs_mean
+from .base import CachePolicy, DecodeContext, StepInfo
+from .registry import register
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def rollout_importance(probs: list[torch.Tensor], slots: torch.Tensor, weight: torch.Tensor,
+                       seq_len: int) -> torch.Tensor:
+    """Column sums of the attention rollout, 1^T M_L ... M_1, per row: (B, seq_len) fp32.
+
+    probs[l] (B, n, L): head-mean attention rows of layer l's computed queries; slots (B, n): their
+    positions (distinct per row); weight (B, n): 1 for a real query, 0 for an invalid slot.
+
+    The reference builds M_l = rownorm(A_l + I) as a dense T x T matrix whose rows are identity rows
+    for tokens not computed, and multiplies them (T^3 per layer). Since a computed row a_i sums to 1,
+    M_l has rows e_i for non-computed i and (a_i + e_i) / 2 for computed i, so the product vector
+    v <- v M_l needs only the n stored rows:
+        (v M_l)_j = v_j * (1 - [j computed] / 2) + sum_{i computed} (v_i / 2) a_ij,
+    i.e. one (1 x n) @ (n x L) product per layer, evaluated right to left from v = 1^T (last layer
+    first). Cost 2 n L + 3 n per layer instead of 2 T^3.
+    """
+    B = slots.shape[0]
+    v = torch.ones(B, seq_len, dtype=torch.float32, device=slots.device)
+    for a in reversed(probs):
+        half = 0.5 * v.gather(1, slots) * weight
+        v = v.scatter_add(1, slots, -half) + torch.bmm(half.unsqueeze(1), a).squeeze(1)
+    return v
+
+
+def nucleus(scores: torch.Tensor, cand: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, L) bool: per row the highest-share candidates whose cumulative share is <= p, at least one
+    (when the row has a candidate); p >= 1 takes every candidate."""
+    if p >= 1.0:
+        return cand.clone()
+    s = torch.where(cand, scores.float(), 0.0)
+    share = s / s.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    sp, si = torch.sort(share, dim=1, descending=True, stable=True)
+    keep = sp.cumsum(1) <= p
+    keep[:, 0] = True
+    keep &= cand.gather(1, si)
+    return torch.zeros_like(cand).scatter_(1, si, keep)
+
+
+def inflate(sel: torch.Tensor, w: int) -> torch.Tensor:
+    """Select every position i with selected neighbours a < i < b and b - a <= w (reference rule)."""
+    if w <= 0:
+        return sel
+    B, L = sel.shape
+    ar = torch.arange(L, device=sel.device).expand(B, L)
+    prev = torch.cummax(torch.where(sel, ar, -1), dim=1).values
+    nxt = torch.flip(torch.cummin(torch.flip(torch.where(sel, ar, L), [1]), dim=1).values, [1])
+    return sel | ((nxt - prev <= w) & (prev >= 0) & (nxt < L))
+
+
+def stage1_pick(remaining: torch.Tensor, score: torch.Tensor, k: int, block_length: int) -> torch.Tensor:
+    """(B, G) bool: the <= k still-masked positions of highest score inside each row's window, those of
+    the row's current block (the block of its first masked position) ranked first."""
+    B, G = remaining.shape
+    if k <= 0:
+        return torch.zeros_like(remaining)
+    ar = torch.arange(G, device=remaining.device).unsqueeze(0)
+    first = remaining.int().argmax(1, keepdim=True)
+    bstart = (first // block_length) * block_length
+    in_block = (ar >= bstart) & (ar < bstart + block_length)
+    meets = remaining.long().cumsum(1) >= k
+    kth = torch.where(meets.any(1, keepdim=True), meets.int().argmax(1, keepdim=True), G - 1)
+    end = (kth // block_length + 1) * block_length - 1
+    window = remaining & (ar >= bstart) & (ar <= end)
+    key = score.double() + 2.0 * in_block.double()  # score <= 1: the block ranks first, per row
+    key = key.masked_fill(~window, float("-inf"))
+    idx = torch.topk(key, min(k, G), dim=1).indices
+    return torch.zeros_like(remaining).scatter_(1, idx, True) & window
+
+
+def top1_confidence(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Probability of the argmax token (the mask token never chosen), fp32."""
+    lf = logits.float()
+    x0 = lf.masked_fill(torch.arange(lf.shape[-1], device=lf.device) == mask_id, float("-inf")).argmax(-1)
+    return lf.softmax(-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+
+
+@register
+class D2Cache(CachePolicy):
+    name = "d2cache"
+    defaults = {"rollout_p": 0.1, "current_k": 32, "sigma": 10.0, "inflate_w": None}
+
+    @classmethod
+    def check_param(cls, name, value):
+        """Ranges as the job spec (pipeline/spec.py) validates them."""
+        ok = {
+            "rollout_p": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v <= 1.0,
+            "current_k": lambda v: _is_int(v) and v >= 1,
+            "sigma": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+            "inflate_w": lambda v: v is None or (_is_int(v) and v >= 0),
+        }
+        allowed = {"rollout_p": "a number in (0, 1]", "current_k": "an integer >= 1",
+                   "sigma": "a positive number", "inflate_w": "an integer >= 0 or None"}
+        if name in ok and not ok[name](value):
+            raise ValueError(f"cache.{name}={value!r} is not allowed; allowed: {allowed[name]}")
+
+    def __init__(self, ctx: DecodeContext, **params):
+        super().__init__(ctx, **params)
+        p = dict(self.defaults, **params)
+        self.rollout_p = float(p["rollout_p"])
+        self.current_k = int(p["current_k"])
+        self.sigma = float(p["sigma"])
+        w = p["inflate_w"]
+        self.semi_ar = ctx.block_length < ctx.gen_length
+        self.inflate_w = (4 if self.semi_ar else 0) if w is None else int(w)
+        cfg, B, L, dev = self.model.config, ctx.batch, ctx.seq_len, ctx.positions.device
+        # per layer one flat (B*L + 1, kv_dim) buffer: rows b*L + j, then a trash row for invalid slots
+        self.kv_flat = [tuple(torch.zeros(B * L + 1, cfg.kv_dim, dtype=self.model.dtype, device=dev)
+                              for _ in range(2)) for _ in range(cfg.n_layers)]
+        self.kv = [(k[:B * L].view(B, L, -1), v[:B * L].view(B, L, -1)) for k, v in self.kv_flat]
+        G = ctx.gen_length
+        self.conf_flat = torch.zeros(B * G + 1, dtype=torch.float32, device=dev)  # + trash
+        self.conf = self.conf_flat[:B * G].view(B, G)
+        self.importance = torch.zeros(B, L, dtype=torch.float32, device=dev)
+        self.sel = torch.zeros(B, L, dtype=torch.bool, device=dev)  # queries of the next forward
+        self.started = False  # False until the first (full) forward ran
+        H, D = cfg.n_heads, cfg.head_dim
+        self.probs_per_pair = 2.0 * H * D + 5.0 * H
+
+    # -- forward --------------------------------------------------------------------------------
+    def begin_block(self, step: StepInfo) -> None:
+        if self.started and self.semi_ar:
+            self.sel[:, step.start - self.ctx.shift] = True
+
+    def forward(self, x: torch.Tensor, step: StepInfo) -> torch.Tensor:
+        ctx = self.ctx
+        B, L = x.shape
+        dev = x.device
+        P, G, sh = ctx.prompt_len, ctx.gen_length, ctx.shift
+        active = ctx.counters.active  # (B,) rows taking part in this forward (set by the loop)
+        if not self.started:  # first forward: every position, padding included (its keys are masked)
+            sel = torch.ones(B, L, dtype=torch.bool, device=dev)
+            weight_sel = ctx.key_mask
+            self.started = True
+        else:  # an idle row (block done, others still decoding) computes nothing and keeps its state
+            sel = weight_sel = self.sel & active.unsqueeze(1)
+        # queries that predict a still-masked response position
+        predicts = torch.zeros_like(sel)
+        predicts[:, P - sh:P - sh + G] = x[:, P:] == ctx.mask_id
+        predicts &= sel
+        counts = torch.stack([sel.sum(1), predicts.sum(1)])
+        n, m = counts.max(1).values.clamp(min=1).tolist()
+        slots = torch.argsort((~sel).to(torch.uint8), dim=1, stable=True)[:, :n]  # selected, ascending
+        valid = torch.arange(n, device=dev).unsqueeze(0) < counts[0].unsqueeze(1)
+        rows = torch.arange(B, device=dev).unsqueeze(1)
+        dst = torch.where(valid, rows * L + slots, B * L).reshape(-1)
+        pred_slot = predicts.gather(1, slots) & valid
+        out = torch.argsort((~pred_slot).to(torch.uint8), dim=1, stable=True)[:, :m]
+        out_valid = torch.arange(m, device=dev).unsqueeze(0) < counts[1].unsqueeze(1)
+
+        m_ = self.model
+        hd = m_.config.head_dim
+        mask = ctx.attn_mask
+        probs: list[torch.Tensor] = []
+
+        def layer_fn(i, layer, h, cos, sin):
+            q, k, v = layer.qkv(layer.attn_in(h))
+            q, k = m_.apply_rope(q, cos, sin), m_.apply_rope(k, cos, sin)
+            kf, vf = self.kv_flat[i]
+            kf.index_copy_(0, dst, k.reshape(B * n, -1))
+            vf.index_copy_(0, dst, v.reshape(B * n, -1))
+            K, V = self.kv[i]
+            h = h + layer.attn_proj(m_.attend(q, K, V, mask))
+            probs.append(attention_probs_mean(q, K, hd, mask))
+            return h + layer.ffn(h)
+
+        logits = m_(x.gather(1, slots), ctx.positions.gather(1, slots), mask, layer_fn=layer_fn, out_index=out)
+
+        # rollout importance of this forward (read by end_step)
+        weight = (weight_sel.gather(1, slots) & valid).float()
+        imp = rollout_importance(probs, slots, weight, L)
+        self.importance.copy_(torch.where(active.unsqueeze(1), imp, self.importance))
+        del probs
+
+        # confidences of every computed masked position; block logits (zeros where not computed)
+        g = slots.gather(1, out) + sh - P  # response index each head row predicts
+        conf_dst = torch.where(out_valid, rows * G + g, B * G)
+        self.conf_flat.index_copy_(0, conf_dst.reshape(-1), top1_confidence(logits, ctx.mask_id).reshape(-1))
+        BL = step.end - step.start
+        col = g - (step.start - P)
+        col = torch.where(out_valid & (col >= 0) & (col < BL), col, BL)
+        V = logits.shape[-1]
+        blk = torch.zeros(B, BL + 1, V, dtype=logits.dtype, device=dev)
+        blk.scatter_(1, col.unsqueeze(-1).expand(-1, -1, V), logits)
+
+        # stats: real queries per layer over real keys, head rows computed, overhead
+        n_real = weight.sum(1).double()
+        keys = ctx.real_len.double()
+        nl = m_.config.n_layers
+        extra = nl * (n_real * keys * self.probs_per_pair + 2.0 * n_real * keys + 3.0 * n_real)
+        ctx.counters.forward(n_real, keys, head_rows=counts[1].double(), extra=extra)
+        return blk[:, :BL]
+
+    # -- selection for the next forward ----------------------------------------------------------
+    def end_step(self, x: torch.Tensor, committed: torch.Tensor, confidence: torch.Tensor,
+                 step: StepInfo) -> None:
+        ctx = self.ctx
+        B = x.shape[0]  # decoding rows; with CFG ctx.batch == 2 * B
+        P, G, L, sh = ctx.prompt_len, ctx.gen_length, ctx.seq_len, ctx.shift
+        remaining = x[:, P:] == ctx.mask_id
+        score = self.conf[:B] * certainty_density(~remaining, self.sigma)
+        picked = stage1_pick(remaining, score, self.current_k, ctx.block_length)
+        s1 = torch.zeros(B, L, dtype=torch.bool, device=x.device)
+        s1[:, P - sh:P - sh + G] = picked
+        s1[:, step.start:step.end] |= committed
+        cand = ctx.key_mask[:B] & ~s1
+        sel = s1 | nucleus(self.importance[:B], cand, self.rollout_p)
+        sel = inflate(sel, self.inflate_w)
+        sel = sel.repeat(ctx.batch // B, 1)
+        self.sel.copy_(torch.where(ctx.counters.active.unsqueeze(1), sel, self.sel))
