@@ -27,6 +27,7 @@ class TextOutput:
     text: Optional[str] = None
     token_ids: list[int] = field(default_factory=list)
     stats: Optional[SampleStats] = None
+    """None for a row that failed before generation (see error / error_type)."""
     error: Optional[str] = None
     error_type: Optional[str] = None
 
@@ -72,6 +73,11 @@ class Engine:
                   device: str = "cpu", dtype: str = "float32", family: str = "auto", seed: int = 0) -> "Engine":
         model, tok = load_model(model_path, device=device, dtype=dtype, family=family)
         return cls(model, tok, generation or GenerationConfig(), cache or CacheConfig(), seed, str(model_path))
+
+    def with_cache(self, cache: CacheConfig | str) -> "Engine":
+        """The same weights and tokenizer under another cache policy (e.g. the audit's `none`)."""
+        cache = CacheConfig(policy=cache) if isinstance(cache, str) else cache
+        return Engine(self.model, self.tokenizer, self.generation, cache, self.seed, self.model_path)
 
     def model_fingerprint(self) -> str:
         return model_fingerprint(self.model_path)
@@ -121,7 +127,7 @@ class Engine:
                     raise _RowError("too_long", f"prompt has {len(t)} tokens; at most {limit} fit with "
                                                 f"gen_length {self.generation.gen_length}")
             except _RowError as e:
-                outs[i] = TextOutput(error=str(e), error_type=e.kind, stats=_error_stats())
+                outs[i] = TextOutput(error=str(e), error_type=e.kind)
                 continue
             good.append(t)
             good_ids.append(ids[i])
@@ -139,6 +145,3 @@ class _RowError(Exception):
         super().__init__(msg)
         self.kind = kind
 
-
-def _error_stats() -> SampleStats:
-    return SampleStats(finish_reason="error", flops_speedup=0.0, flops_speedup_total=0.0)

@@ -61,44 +61,45 @@ class FlopsModel:
         return self.n_layers * (L * self.per_token_layer + L * L * self.per_attn_pair) + head_rows * self.per_head_row
 
 
+def _f64(x):
+    """A (B,) tensor as float64, a Python number as itself: scalars never become device tensors
+    (a host-to-device copy of a scalar would synchronise the step loop with the GPU)."""
+    return x.double() if isinstance(x, torch.Tensor) else float(x)
+
+
 class RowCounters:
     """Per-row counters kept on the device so that the step loop never syncs with the host."""
 
     def __init__(self, batch: int, device: torch.device, fm: FlopsModel):
-        z = lambda dt: torch.zeros(batch, dtype=dt, device=device)  # noqa: E731
         self.fm = fm
-        self.steps = z(torch.int64)
-        self.nfe = z(torch.int64)
-        self.token_layers = z(torch.float64)
-        self.flops = z(torch.float64)
+        self.token_layers = torch.zeros(batch, dtype=torch.float64, device=device)
+        self.flops = torch.zeros(batch, dtype=torch.float64, device=device)
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
 
     def forward(self, q_tokens, keys, head_rows: int, layers: int | None = None, extra=0.0,
                 rows: torch.Tensor | None = None) -> None:
         """Account one forward for the active rows (restricted to `rows` when given): q_tokens
         recomputed positions per layer, each attending to `keys` keys (scalars or (B,) tensors),
-        over `layers` layers (default all)."""
+        over `layers` layers (default all), plus `extra` FLOPs of policy overhead."""
         a = (self.active if rows is None else self.active & rows).double()
         n = self.fm.n_layers if layers is None else layers
-        q = torch.as_tensor(q_tokens, dtype=torch.float64, device=a.device)
-        k = torch.as_tensor(keys, dtype=torch.float64, device=a.device)
-        self.token_layers += a * n * q
+        q, k = _f64(q_tokens), _f64(keys)
+        self.token_layers += a * (q * n)
         self.flops += a * (n * (q * self.fm.per_token_layer + q * k * self.fm.per_attn_pair)
-                           + head_rows * self.fm.per_head_row + extra)
+                           + head_rows * self.fm.per_head_row + _f64(extra))
 
     def add_layers(self, q_tokens, keys, layers: int = 1) -> None:
         """Layer-granular accounting (policies whose recomputed set changes per layer)."""
         a = self.active.double()
-        q = torch.as_tensor(q_tokens, dtype=torch.float64, device=a.device)
-        k = torch.as_tensor(keys, dtype=torch.float64, device=a.device)
-        self.token_layers += a * layers * q
-        self.flops += a * layers * (q * self.fm.per_token_layer + q * k * self.fm.per_attn_pair)
+        q, k = _f64(q_tokens), _f64(keys)
+        self.token_layers += a * (q * layers)
+        self.flops += a * (layers * (q * self.fm.per_token_layer + q * k * self.fm.per_attn_pair))
 
     def add_flops(self, flops) -> None:
-        self.flops += self.active.double() * torch.as_tensor(flops, dtype=torch.float64, device=self.active.device)
+        self.flops += self.active.double() * _f64(flops)
 
     def add_head(self, rows: int) -> None:
-        self.flops += self.active.double() * rows * self.fm.per_head_row
+        self.flops += self.active.double() * (rows * self.fm.per_head_row)
 
 
 def token_agreement(a: list[int], b: list[int]) -> float:

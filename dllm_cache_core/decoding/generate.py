@@ -223,7 +223,7 @@ class _Decoder:
 
     def outputs(self, wall: float) -> list[GenerationOutput]:
         g, c, B = self.gen, self.counters, self.B
-        nfe, tl, fl = c.nfe, c.token_layers, c.flops
+        tl, fl = c.token_layers, c.flops
         # nfe per row = the forwards it was active in (both CFG passes count)
         steps = self.steps
         nfe_row = steps * (2 if self.cfg_on else 1)

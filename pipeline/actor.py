@@ -1,0 +1,287 @@
+"""GenerationActor: the Ray Data callable class that runs the Engine over batches of rows.
+
+One instance per actor: the model is loaded once in __init__ (an object-store model is first copied
+to the node's local disk). Each call receives batch_size x length_grouping rows, sorts them by prompt
+length and runs engine calls of batch_size rows, so rows of one call pad little. Rows in = rows out,
+in the input order. Nothing about a single row can fail the batch: bad input, engine row errors,
+out-of-memory (the call is split in halves and retried down to one row) and unexpected exceptions
+(the call is retried row by row) all become rows with `error`, `error_type` and finish_reason 'error'.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import pyarrow as pa
+
+from .audit import is_audited
+from .schema import INPUT_ERROR, INTERNAL_PREFIX, STATS_COLUMNS, conform
+from .scoring import get_scorer, score_row
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    """Everything an actor needs, built on the driver; small and picklable."""
+
+    model_path: str
+    family: str
+    dtype: str
+    device: str
+    seed: int
+    generation: dict
+    cache: dict
+    prompt_column: str
+    messages_column: Optional[str]
+    chat_template: bool
+    id_column: str
+    batch_size: int
+    audit_fraction: float
+    evaluation: Optional[dict]
+    schema: pa.Schema
+    model_label: str
+    progress: Any = None
+    """ProgressTracker actor handle (or None)."""
+    engine_factory: Optional[Callable[["ActorConfig"], Any]] = None
+    """Builds the engine; None = dllm_cache_core.Engine.from_spec (tests pass fakes)."""
+
+
+def build_engine(cfg: ActorConfig) -> Any:
+    """The real engine, from the (node-local) model folder."""
+    from dllm_cache_core import CacheConfig, Engine, GenerationConfig
+
+    from .fs import localize_model
+
+    return Engine.from_spec(localize_model(cfg.model_path), generation=GenerationConfig(**cfg.generation),
+                            cache=CacheConfig(**cfg.cache), device=cfg.device, dtype=cfg.dtype,
+                            family=cfg.family, seed=cfg.seed)
+
+
+def reference_engine(engine: Any) -> Any:
+    """The same model and settings under policy `none` (for the audit), sharing the weights."""
+    return engine.with_cache("none")
+
+
+def is_oom(e: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:
+        pass
+    return isinstance(e, (RuntimeError, MemoryError)) and "out of memory" in str(e).lower()
+
+
+@dataclass
+class RowResult:
+    text: Optional[str] = None
+    token_ids: Optional[list[int]] = None
+    stats: Optional[dict] = None
+    error: Optional[str] = None
+    error_type: Optional[str] = None
+    audit_speedup: Optional[float] = None
+    audit_token_agreement: Optional[float] = None
+
+    @classmethod
+    def failed(cls, error_type: str, error: str) -> "RowResult":
+        return cls(error=error, error_type=error_type)
+
+    @classmethod
+    def of(cls, out: Any) -> "RowResult":
+        if out.error is not None or out.error_type is not None:
+            return cls.failed(out.error_type or "generation", out.error or "generation failed")
+        return cls(text=out.text, token_ids=list(out.token_ids), stats=out.stats.to_dict() if out.stats else None)
+
+
+# ----------------------------------------------------------------------------- prompts
+def _text(v: Any, what: str) -> str:
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{what} is not valid UTF-8") from None
+    if not isinstance(v, str):
+        raise ValueError(f"{what} is {type(v).__name__}, expected a string")
+    return v
+
+
+def normalize_messages(value: Any) -> list[dict[str, str]]:
+    """Chat messages as [{role, content}] with text values; ValueError says what is wrong."""
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(_text(value, "messages"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"messages is text but not JSON ({e.msg})") from None
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"messages is {type(value).__name__}, expected a list of {{role, content}}")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"messages[{i}] is not a {{role, content}} mapping")
+        out.append({"role": _text(m["role"], f"messages[{i}].role"),
+                    "content": _text(m["content"], f"messages[{i}].content")})
+    return out
+
+
+def prompt_of(row_value: Any, is_messages: bool) -> Any:
+    """The engine input for one row; ValueError for malformed input (-> error_type bad_input)."""
+    if row_value is None:
+        return None  # the engine reports empty_prompt
+    if is_messages:
+        return normalize_messages(row_value)
+    if isinstance(row_value, bytes):
+        return _text(row_value, "prompt")
+    return row_value  # strings, and anything else for the engine to judge
+
+
+def prompt_length(p: Any) -> int:
+    """Characters, as a cheap proxy for tokens when grouping rows by length."""
+    if isinstance(p, str):
+        return len(p)
+    if isinstance(p, list):
+        return sum(len(m.get("content", "")) for m in p if isinstance(m, dict))
+    return 0
+
+
+# ----------------------------------------------------------------------------- actor
+class GenerationActor:
+    def __init__(self, config: ActorConfig):
+        self.cfg = config
+        factory = config.engine_factory or build_engine
+        try:
+            self.engine = factory(config)
+        except Exception as e:  # noqa: BLE001  (re-raised with the context the user needs)
+            raise RuntimeError(f"model {config.model_label!r} failed to load on {socket.gethostname()}: "
+                               f"{type(e).__name__}: {e}") from e
+        self._reference: Any = None
+        scorer = config.evaluation
+        self.scorer = get_scorer(scorer["scorer"], scorer.get("pattern")) if scorer else None
+        self.engine_s = 0.0
+
+    # -- engine calls -------------------------------------------------------------------------
+    def _generate(self, engine: Any, prompts: Sequence[Any], ids: Sequence[str]) -> list[RowResult]:
+        t0 = time.perf_counter()
+        try:
+            outs = engine.generate(list(prompts), row_ids=list(ids), chat_template=self.cfg.chat_template)
+        finally:
+            self.engine_s += time.perf_counter() - t0
+        if len(outs) != len(prompts):
+            raise RuntimeError(f"engine returned {len(outs)} outputs for {len(prompts)} prompts")
+        return [RowResult.of(o) for o in outs]
+
+    def run_chunk(self, prompts: Sequence[Any], ids: Sequence[str], engine: Any = None) -> list[RowResult]:
+        """One engine call; OOM -> halves (a single row that still OOMs -> 'oom'); any other exception ->
+        row by row (a row that still raises -> 'generation')."""
+        engine = engine or self.engine
+        try:
+            return self._generate(engine, prompts, ids)
+        except Exception as e:  # noqa: BLE001
+            if is_oom(e):
+                _free_cuda()
+                if len(prompts) == 1:
+                    return [RowResult.failed("oom", f"out of memory on a single row: {e}")]
+                h = len(prompts) // 2
+                return (self.run_chunk(prompts[:h], ids[:h], engine) + self.run_chunk(prompts[h:], ids[h:], engine))
+            if len(prompts) == 1:
+                return [RowResult.failed("generation", f"{type(e).__name__}: {e}")]
+            return [r for p, i in zip(prompts, ids) for r in self.run_chunk([p], [i], engine)]
+
+    def run_audit(self, prompts: Sequence[Any], ids: Sequence[str]) -> list[RowResult]:
+        """The rows under the job's policy, then under `none`, back to back; wall-time ratio and token
+        agreement go on the rows (whose outputs are the job-policy ones)."""
+        from dllm_cache_core import token_agreement
+
+        if self._reference is None:
+            self._reference = reference_engine(self.engine)
+        t0 = time.perf_counter()
+        main = self.run_chunk(prompts, ids)
+        t1 = time.perf_counter()
+        ref = self.run_chunk(prompts, ids, self._reference)
+        t2 = time.perf_counter()
+        speedup = (t2 - t1) / (t1 - t0) if t1 > t0 else None
+        for m, r in zip(main, ref):
+            if m.error_type is None and r.error_type is None:
+                m.audit_speedup = speedup
+                m.audit_token_agreement = float(token_agreement(m.token_ids, r.token_ids))
+        return main
+
+    # -- one Ray Data batch ---------------------------------------------------------------------
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cfg = self.cfg
+        n = batch.num_rows
+        engine_before = self.engine_s
+        ids = [str(x) for x in batch.column(cfg.id_column).to_pylist()]
+        col = cfg.messages_column or cfg.prompt_column
+        raw = batch.column(col).to_pylist() if col in batch.column_names else [None] * n
+        input_errors = (batch.column(INPUT_ERROR).to_pylist() if INPUT_ERROR in batch.column_names else [None] * n)
+        results: list[Optional[RowResult]] = [None] * n
+        prompts: list[Any] = [None] * n
+        for i in range(n):
+            if input_errors[i]:
+                results[i] = RowResult.failed("bad_input", input_errors[i])
+                continue
+            try:
+                prompts[i] = prompt_of(raw[i], cfg.messages_column is not None)
+            except ValueError as e:
+                results[i] = RowResult.failed("bad_input", str(e))
+        todo = [i for i in range(n) if results[i] is None]
+        audit = [i for i in todo if is_audited(ids[i], cfg.audit_fraction)]
+        audit_set = set(audit)
+        normal = sorted((i for i in todo if i not in audit_set), key=lambda i: prompt_length(prompts[i]))
+        for group, runner in ((normal, self.run_chunk), (audit, self.run_audit)):
+            for s in range(0, len(group), cfg.batch_size):
+                rows = group[s:s + cfg.batch_size]
+                for i, r in zip(rows, runner([prompts[i] for i in rows], [ids[i] for i in rows])):
+                    results[i] = r
+        table = self._to_table(batch, results)
+        self._report(results, self.engine_s - engine_before)
+        return table
+
+    def _to_table(self, batch: pa.Table, results: list[RowResult]) -> pa.Table:
+        cfg = self.cfg
+        cols: dict[str, Any] = {c: batch.column(c) for c in batch.column_names if not c.startswith(INTERNAL_PREFIX)}
+        cols["generation"] = [r.text for r in results]
+        cols["generation_token_ids"] = [r.token_ids for r in results]
+        for s in STATS_COLUMNS:
+            cols[s] = [(r.stats or {}).get(s) if r.error_type is None else None for r in results]
+        cols["finish_reason"] = ["error" if r.error_type else (r.stats or {}).get("finish_reason") for r in results]
+        cols["cache_policy"] = [cfg.cache["policy"]] * len(results)
+        cols["model"] = [cfg.model_label] * len(results)
+        cols["error"] = [r.error for r in results]
+        cols["error_type"] = [r.error_type for r in results]
+        cols["audit_speedup"] = [r.audit_speedup for r in results]
+        cols["audit_token_agreement"] = [r.audit_token_agreement for r in results]
+        if self.scorer is not None:
+            ref_col = cfg.evaluation["answer_column"]
+            refs = batch.column(ref_col).to_pylist()
+            scores = [score_row(self.scorer, r.text, ref) for r, ref in zip(results, refs)]
+            cols["score"] = [s.score if s else None for s in scores]
+            cols["extracted_answer"] = [s.extracted if s else None for s in scores]
+        arrays = {k: v if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v, cfg.schema.field(k).type)
+                  for k, v in cols.items()}
+        return conform(pa.table(arrays), cfg.schema)
+
+    def _report(self, results: list[RowResult], engine_s: float) -> None:
+        if self.cfg.progress is None:
+            return
+        errors: dict[str, int] = {}
+        for r in results:
+            if r.error_type:
+                errors[r.error_type] = errors.get(r.error_type, 0) + 1
+        tokens = sum((r.stats or {}).get("num_generated_tokens", 0) or 0 for r in results if r.error_type is None)
+        self.cfg.progress.report.remote(rows=len(results), tokens=int(tokens), errors=errors, engine_s=engine_s,
+                                        worker=f"{socket.gethostname()}:{os.getpid()}")
+
+
+def _free_cuda() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass

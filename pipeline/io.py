@@ -1,0 +1,474 @@
+"""Input: list files, scan ids before any work, and read rows through a Ray Data datasource.
+
+Formats: Parquet, Arrow IPC/Feather, a Hugging Face `datasets` folder written by `save_to_disk`
+(one split: its Arrow stream files), and JSONL. A path may be a file, a folder (searched recursively
+for files of the format, hidden and `_`-prefixed names skipped) or a glob, local or on an object store.
+
+Ids. The `input.id_column` column when the data has it; otherwise a stable id is derived into that
+column: `<path of the file relative to the input root>#<0-based row index in the file>`
+(e.g. `shard-00001.parquet#42`). The root is the folder given, the folder part of a glob before its
+first wildcard, or the folder of a single file; so ids survive moving the data set as a whole but
+change when files are renamed or rows reordered. Duplicate ids are a validation error.
+
+The driver scans ids once (`scan_input`): duplicate check, `input.limit`, and resume (ids already in
+the output). The result is a `ReadPlan` holding, per file, a bit mask of the rows still to run; the
+Ray Data read tasks (`InputDatasource`) read only those files and keep only those rows.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import posixpath
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from . import fs as fsx
+from .schema import INPUT_ERROR, colliding_columns
+
+EXTENSIONS = {
+    "parquet": (".parquet", ".pq"),
+    "arrow": (".arrow", ".feather", ".ipc", ".arrows"),
+    "jsonl": (".jsonl", ".json", ".ndjson"),
+    "hf_disk": (".arrow",),
+}
+CHUNK_ROWS = 65536
+
+
+class InputError(ValueError):
+    """The input data breaks a rule that is checked before any work starts."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    """Path inside the filesystem."""
+    rel: str
+    """Path relative to the input root (used in derived ids)."""
+    size: int
+
+
+@dataclass
+class InputSource:
+    uri: str
+    fs: pafs.FileSystem
+    format: str
+    files: list[InputFile]
+
+
+# ----------------------------------------------------------------------------- listing
+def _is_glob(p: str) -> bool:
+    return any(c in p for c in "*?[")
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _detect_format(fs: pafs.FileSystem, path: str, info: pafs.FileInfo) -> str:
+    if info.type == pafs.FileType.Directory:
+        if fsx.exists(fs, fsx.join(path, "state.json")) or fsx.exists(fs, fsx.join(path, "dataset_dict.json")):
+            return "hf_disk"
+        names = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                 if i.type == pafs.FileType.File]
+    else:
+        names = [path]
+    for fmt in ("parquet", "jsonl", "arrow"):
+        if any(n.lower().endswith(EXTENSIONS[fmt]) for n in names):
+            return fmt
+    raise InputError(f"input.path={path!r}: cannot tell the format from the file names; "
+                     f"set input.format (allowed: parquet, arrow, jsonl, hf_disk)")
+
+
+def _hf_disk_files(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
+    if fsx.exists(fs, fsx.join(path, "dataset_dict.json")):
+        with fs.open_input_stream(fsx.join(path, "dataset_dict.json")) as f:
+            splits = json.loads(f.read()).get("splits", [])
+        raise InputError(f"input.path={uri!r} is a DatasetDict; point it at one split folder "
+                         f"(allowed: {', '.join(fsx.join(uri, s) for s in splits)})")
+    state = fsx.join(path, "state.json")
+    if not fsx.exists(fs, state):
+        raise InputError(f"input.path={uri!r}: no state.json; not a folder written by datasets' save_to_disk")
+    with fs.open_input_stream(state) as f:
+        data_files = json.loads(f.read()).get("_data_files", [])
+    return [fsx.join(path, d["filename"]) for d in data_files]
+
+
+def list_input(uri: str, fmt: str = "auto") -> InputSource:
+    """Resolve `uri` to the sorted list of files to read; InputError when there are none."""
+    fs, path = fsx.resolve(uri)
+    if _is_glob(path):
+        base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0] or "/"
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+                 if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+        root = base
+        if fmt == "auto":
+            fmt = _detect_format(fs, infos[0].path, infos[0]) if infos else "parquet"
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"input.path={uri!r} does not exist")
+        if fmt == "auto":
+            fmt = _detect_format(fs, path, info)
+        if fmt == "hf_disk":
+            if info.type != pafs.FileType.Directory:
+                raise InputError(f"input.path={uri!r}: format hf_disk needs the folder written by save_to_disk")
+            infos = fs.get_file_info(_hf_disk_files(fs, path, uri))
+            root = path
+        elif info.type == pafs.FileType.Directory:
+            infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                     if i.type == pafs.FileType.File]
+            root = path
+        else:
+            infos, root = [info], posixpath.dirname(path)
+    files = []
+    for i in infos:
+        rel = posixpath.relpath(i.path, root) if root not in ("", "/") else i.path.lstrip("/")
+        if fmt != "hf_disk" and (_hidden(rel) or not i.path.lower().endswith(EXTENSIONS[fmt])):
+            continue
+        files.append(InputFile(i.path, rel, int(i.size or 0)))
+    files.sort(key=lambda f: f.rel)
+    if not files:
+        raise InputError(f"input.path={uri!r}: no {fmt} files found (extensions {', '.join(EXTENSIONS[fmt])})")
+    return InputSource(uri, fs, fmt, files)
+
+
+# ----------------------------------------------------------------------------- reading one file
+def _encodable(v: Any) -> bool:
+    """False when a parsed JSON value holds a string that is not valid Unicode (lone surrogates)."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(v, list):
+        return all(_encodable(x) for x in v)
+    if isinstance(v, dict):
+        return all(_encodable(k) and _encodable(x) for k, x in v.items())
+    return True
+
+
+def _jsonl_column(name: str, values: list[Any], errors: list[Optional[str]], text_column: Optional[str]) -> pa.Array:
+    if name == text_column:  # the prompt must be text: other values become a per-row error
+        out = []
+        for i, v in enumerate(values):
+            if v is None or isinstance(v, str):
+                out.append(v)
+            else:
+                out.append(None)
+                errors[i] = errors[i] or f"{name} is {type(v).__name__}, expected a string"
+        return pa.array(out, pa.string())
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        # mixed types across rows: keep every value as its JSON text
+        return pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values], pa.string())
+
+
+def parse_jsonl(data: bytes, text_column: Optional[str] = None) -> pa.Table:
+    """JSONL bytes -> table (+ `__input_error`). A line that is not valid UTF-8, not JSON or not an
+    object still yields a row (its columns null) whose `__input_error` says why; blank lines are skipped."""
+    rows: list[dict] = []
+    errors: list[Optional[str]] = []
+    for n, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        err = None
+        try:
+            obj = json.loads(line.decode("utf-8"))
+            if not isinstance(obj, dict):
+                obj, err = {}, f"line {n}: a JSON {type(obj).__name__}, expected an object"
+        except UnicodeDecodeError:
+            obj, err = {}, f"line {n}: not valid UTF-8"
+        except json.JSONDecodeError as e:
+            obj, err = {}, f"line {n}: not valid JSON ({e.msg})"
+        for k, v in list(obj.items()):
+            if not _encodable(v):
+                obj[k] = None
+                err = err or f"line {n}: column {k!r} holds invalid UTF-8 (a lone surrogate)"
+        rows.append(obj)
+        errors.append(err)
+    names: list[str] = []
+    for r in rows:
+        names.extend(k for k in r if k not in names)
+    cols = {k: _jsonl_column(k, [r.get(k) for r in rows], errors, text_column) for k in names}
+    cols[INPUT_ERROR] = pa.array(errors, pa.string())
+    return pa.table(cols)
+
+
+def _read_arrow(fs: pafs.FileSystem, path: str) -> Iterator[pa.RecordBatch]:
+    with fs.open_input_file(path) as f:
+        magic = f.read(6)
+        f.seek(0)
+        if magic == b"ARROW1":
+            reader = ipc.open_file(f)
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+        else:
+            yield from ipc.open_stream(f)
+
+
+def iter_file(fs: pafs.FileSystem, path: str, fmt: str, text_column: Optional[str] = None,
+              columns: Optional[list[str]] = None) -> Iterator[pa.Table]:
+    """One file as consecutive tables (in row order), each with an `__input_error` column."""
+    def with_err(t: pa.Table) -> pa.Table:
+        if INPUT_ERROR in t.column_names:
+            return t
+        return t.append_column(INPUT_ERROR, pa.nulls(t.num_rows, pa.string()))
+
+    if fmt == "parquet":
+        pf = pq.ParquetFile(path, filesystem=fs)
+        for b in pf.iter_batches(batch_size=CHUNK_ROWS, columns=columns):
+            yield with_err(pa.Table.from_batches([b]))
+    elif fmt in ("arrow", "hf_disk"):
+        for b in _read_arrow(fs, path):
+            t = pa.Table.from_batches([b])
+            yield with_err(t.select([c for c in columns if c in t.column_names]) if columns else t)
+    elif fmt == "jsonl":
+        with fs.open_input_stream(path) as f:
+            t = parse_jsonl(f.read(), text_column)
+        if columns:
+            t = t.select([c for c in columns + [INPUT_ERROR] if c in t.column_names])
+        yield t
+    else:
+        raise InputError(f"input.format={fmt!r} is not allowed; allowed: parquet, arrow, jsonl, hf_disk")
+
+
+# ----------------------------------------------------------------------------- scan + plan
+@dataclass
+class FileTask:
+    file: InputFile
+    rows: int
+    keep: Optional[bytes]
+    """np.packbits of the rows-to-run mask; None = every row of the file."""
+    n_keep: int
+
+
+@dataclass
+class ReadPlan:
+    """What the Ray Data read does: which files, which rows, with what schema. Picklable."""
+
+    fs: pafs.FileSystem
+    format: str
+    files: list[FileTask]
+    schema: pa.Schema
+    """Unified input schema incl. the id column and `__input_error`."""
+    id_column: str
+    derived_ids: bool
+    text_column: Optional[str]
+    selected_ids: pa.Array = field(repr=False)
+    """Every id the job covers (after input.limit), as strings."""
+
+    @property
+    def total_rows(self) -> int:
+        return len(self.selected_ids)
+
+    @property
+    def todo_rows(self) -> int:
+        return sum(f.n_keep for f in self.files)
+
+    @property
+    def todo_files(self) -> list[FileTask]:
+        return [f for f in self.files if f.n_keep]
+
+
+def derived_ids(rel: str, start: int, n: int) -> pa.Array:
+    return pa.array([f"{rel}#{i}" for i in range(start, start + n)], pa.string())
+
+
+def ids_as_strings(col: pa.ChunkedArray | pa.Array, where: str) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_integer(col.type)):
+        raise InputError(f"input.id_column: {where} has type {col.type}; allowed: string or integer ids")
+    return pc.cast(col, pa.string())
+
+
+@dataclass
+class InputScan:
+    """Ids (as strings) and row counts of every input file, and the unified input schema."""
+
+    source: InputSource
+    counts: list[int]
+    ids: list[pa.Array] = field(repr=False)
+    schema: pa.Schema
+    id_column: str
+    derived_ids: bool
+    text_column: Optional[str]
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.counts)
+
+
+def scan_input(source: InputSource, id_column: str, id_column_set: bool, text_column: Optional[str],
+               required_columns: tuple[str, ...] = ()) -> InputScan:
+    """Read ids (or row counts) of every file and check ids and columns, before any work starts.
+
+    Raises InputError for: null ids, an id column that was asked for but is missing (or present in
+    only some files), input columns that collide with output columns, a prompt column that is not
+    text, missing required columns, schemas that do not unify across files.
+    """
+    schemas, per_file_ids, counts = [], [], []
+    derived: Optional[bool] = None
+    for f in source.files:
+        if source.format == "parquet":
+            sch = pq.read_schema(f.path, filesystem=source.fs)
+            has_id = id_column in sch.names
+            t = pq.read_table(f.path, filesystem=source.fs, columns=[id_column]) if has_id else None
+            n = pq.ParquetFile(f.path, filesystem=source.fs).metadata.num_rows
+        else:
+            t = pa.concat_tables(list(iter_file(source.fs, f.path, source.format, text_column)))
+            sch, n = t.schema, t.num_rows
+            has_id = id_column in sch.names
+        if derived is None:
+            derived = not has_id
+        if derived == has_id:
+            raise InputError(f"input.id_column={id_column!r}: present in some files but not in {f.rel!r}; "
+                             "allowed: in every file or in none (then ids are derived)")
+        if has_id:
+            col = t.column(id_column)
+            if col.null_count:
+                row = pc.index(pc.is_null(col), True).as_py()
+                raise InputError(f"input.id_column={id_column!r}: null id in {f.rel!r} row {row}")
+            per_file_ids.append(ids_as_strings(col, f.rel))
+        else:
+            per_file_ids.append(derived_ids(f.rel, 0, n))
+        schemas.append(sch)
+        counts.append(n)
+    if derived and id_column_set:
+        raise InputError(f"input.id_column={id_column!r} is not a column of the input; allowed: "
+                         f"{', '.join(n for n in schemas[0].names if n != INPUT_ERROR)}")
+    try:
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise InputError(f"input.path={source.uri!r}: the files' columns have incompatible types ({e})") from None
+    if derived:
+        schema = pa.schema([pa.field(id_column, pa.string())] + list(schema))
+    if INPUT_ERROR not in schema.names:
+        schema = schema.append(pa.field(INPUT_ERROR, pa.string()))
+    names = [n for n in schema.names if n != INPUT_ERROR]
+    bad = colliding_columns(names)
+    if bad:
+        raise InputError(f"input columns {', '.join(map(repr, bad))} collide with output columns; "
+                         "allowed: rename them (output columns and names starting with '__' are reserved)")
+    missing = [c for c in required_columns if c not in schema.names]
+    if missing:
+        raise InputError(f"column {missing[0]!r} (from the job spec) is not in the input; allowed: {', '.join(names)}")
+    if text_column in schema.names:
+        typ = schema.field(text_column).type
+        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_null(typ)
+                or pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_binary(typ)):
+            raise InputError(f"column {text_column!r} has type {typ}; allowed: string (or chat messages)")
+    return InputScan(source, counts, per_file_ids, schema, id_column, bool(derived), text_column)
+
+
+def plan_reads(scan: InputScan, limit: Optional[int] = None, done_ids: Optional[pa.Array] = None) -> ReadPlan:
+    """Per-file masks of the rows still to run: the first `limit` rows, minus the ids already done.
+    Raises InputError on duplicate ids among the selected rows."""
+    all_ids = (pa.chunked_array(scan.ids, pa.string()).combine_chunks() if scan.ids else pa.array([], pa.string()))
+    if limit is not None:
+        all_ids = all_ids.slice(0, limit)
+    _check_unique(all_ids, scan.id_column)
+    todo = np.ones(len(all_ids), dtype=bool)
+    if done_ids is not None and len(done_ids):
+        todo &= ~pc.is_in(all_ids, value_set=done_ids).to_numpy(zero_copy_only=False)
+    tasks, start = [], 0
+    for f, n in zip(scan.source.files, scan.counts):
+        m = todo[start:start + n]
+        m = np.concatenate([m, np.zeros(n - len(m), dtype=bool)])  # rows past input.limit
+        k = int(m.sum())
+        tasks.append(FileTask(f, n, None if k == n else np.packbits(m).tobytes(), k))
+        start += n
+    return ReadPlan(scan.source.fs, scan.source.format, tasks, scan.schema, scan.id_column, scan.derived_ids,
+                    scan.text_column, all_ids)
+
+
+def _check_unique(ids: pa.Array, id_column: str) -> None:
+    if len(pc.unique(ids)) == len(ids):
+        return
+    vc = pc.value_counts(ids)
+    dup = vc.filter(pc.greater(vc.field("counts"), 1))
+    examples = ", ".join(repr(d["values"].as_py()) for d in dup[:5])
+    raise InputError(f"input.id_column={id_column!r}: {len(dup)} duplicate id(s) in the input, e.g. {examples}; "
+                     "allowed: unique ids")
+
+
+# ----------------------------------------------------------------------------- Ray Data datasource
+def read_file_task(plan: ReadPlan, task: FileTask) -> Iterator[pa.Table]:
+    """The rows still to run of one file, conformed to the plan's schema."""
+    from .schema import conform
+
+    mask = None
+    if task.keep is not None:
+        mask = np.unpackbits(np.frombuffer(task.keep, dtype=np.uint8), count=task.rows).astype(bool)
+    offset = 0
+    for t in iter_file(plan.fs, task.file.path, plan.format, plan.text_column):
+        n = t.num_rows
+        if plan.derived_ids:
+            t = t.append_column(plan.id_column, derived_ids(task.file.rel, offset, n))
+        if mask is not None:
+            t = t.filter(pa.array(mask[offset:offset + n]))
+        offset += n
+        if t.num_rows:
+            yield conform(t, plan.schema)
+
+
+def _read_fn(plan: ReadPlan, tasks: list[FileTask]):
+    # each read task carries only its own files' masks, not every id of the job
+    plan = replace(plan, files=[], selected_ids=pa.array([], pa.string()))
+
+    def read() -> Iterator[pa.Table]:
+        for t in tasks:
+            yield from read_file_task(plan, t)
+    return read
+
+
+def _make_datasource(plan: ReadPlan):
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class InputDatasource(Datasource):
+        """Reads the plan's files (rows still to run only); one read task per group of files."""
+
+        def __init__(self, plan: ReadPlan):
+            super().__init__()
+            self.plan = plan
+
+        def estimate_inmemory_data_size(self) -> Optional[int]:
+            return sum(t.file.size for t in self.plan.todo_files) or None
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            todo = self.plan.todo_files
+            groups: list[list[FileTask]] = [[] for _ in range(max(1, min(parallelism, len(todo))))]
+            loads = [0] * len(groups)
+            for t in sorted(todo, key=lambda t: -t.n_keep):  # greedy balance by rows
+                i = loads.index(min(loads))
+                groups[i].append(t)
+                loads[i] += t.n_keep
+            out = []
+            for g, rows in zip(groups, loads):
+                if not g:
+                    continue
+                g.sort(key=lambda t: t.file.rel)
+                size = sum(t.file.size for t in g)
+                meta = BlockMetadata(num_rows=rows, size_bytes=int(size), exec_stats=None,
+                                     input_files=[t.file.path for t in g])
+                out.append(ReadTask(_read_fn(self.plan, g), meta, schema=self.plan.schema))
+            return out
+
+    return InputDatasource(plan)
+
+
+def read_dataset(plan: ReadPlan):
+    """The Ray Data dataset of the rows still to run."""
+    import ray.data
+
+    return ray.data.read_datasource(_make_datasource(plan))
