@@ -467,7 +467,7 @@ def test_engine_bad_rows_do_not_break_batch(llada_engine):
     assert kinds[4] == "too_long"
     for i in (1, 2, 3, 4, 5, 6, 7):
         assert outs[i].error and outs[i].text is None and outs[i].token_ids == []
-        assert outs[i].stats is not None and outs[i].stats.finish_reason == "error"
+        assert outs[i].stats is None  # a row that failed before generation has no stats (pipeline writes nulls)
     all_bad = eng.generate(["", None])
     assert [o.error_type for o in all_bad][0] == "empty_prompt"
 
