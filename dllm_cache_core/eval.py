@@ -7,7 +7,8 @@ Datasets: the synthetic tasks (`dllm_cache_core.tasks`, held-out split) or a GSM
 (`dataset.path=...`, fields question/answer, answer extracted after '####'). Unless the policy is
 `none`, the same prompts also run with `none` and the same generation settings, back to back, for
 token agreement and the measured (wall-clock) speedup. Prints and writes a JSON summary.
-The key=value parser is deliberately tiny and local: dllm_cache_core must not import the pipeline.
+Values are parsed by dllm_cache_core.overrides and GSM8K answers scored by dllm_cache_core.scoring,
+the same code the batch pipeline uses.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .config import CacheConfig, GenerationConfig
+from .overrides import parse_value
+from .scoring import score_gsm8k
 from .stats import token_agreement
-from .tasks import Example, check_number, eval_set, get_task
+from .tasks import Example, eval_set, get_task
 
 RUN_KEYS = {"model": "builtin:tiny", "device": "cpu", "dtype": "float32", "batch_size": 32, "seed": 0,
             "output": None, "baseline": True, "chat_template": True, "samples": True}
@@ -28,14 +31,6 @@ DATASET_KEYS = {"name": "kv_retrieval", "size": 100, "seed": 0, "path": None}
 
 
 # -- overrides ----------------------------------------------------------------------------------
-def parse_value(s: str) -> Any:
-    """JSON scalars and lists (32, 0.9, true, null, [1, 2]); anything else stays a string."""
-    try:
-        return json.loads(s)
-    except ValueError:
-        return s
-
-
 def parse_overrides(argv: Sequence[str]) -> dict[str, dict[str, Any]]:
     """`a.b=v` pairs -> {'run': {...}, 'dataset': {...}, 'generation': {...}, 'cache': {...}};
     `cache=dual` means `cache.policy=dual`. Unknown keys are errors naming the allowed ones."""
@@ -87,7 +82,8 @@ def load_jsonl(path: str, size: Optional[int]) -> list[Example]:
 def load_dataset(d: dict[str, Any]) -> Dataset:
     d = {**DATASET_KEYS, **d}
     if d["path"]:
-        return Dataset(Path(d["path"]).stem, load_jsonl(d["path"], d["size"]), check_number, 256)
+        return Dataset(Path(d["path"]).stem, load_jsonl(d["path"], d["size"]),
+                       lambda text, ex: score_gsm8k(text, ex.answer).score == 1.0, 256)
     task = get_task(d["name"])
     return Dataset(task.name, eval_set(task.name, int(d["size"]), int(d["seed"])), task.check, task.gen_length)
 

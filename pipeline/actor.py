@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from .audit import is_audited
 from .schema import INPUT_ERROR, INTERNAL_PREFIX, STATS_COLUMNS, conform
-from .scoring import get_scorer, score_row
+from dllm_cache_core.scoring import get_scorer, score_row
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .overrides import apply_overrides, normalize_short_forms
+from dllm_cache_core.overrides import apply_overrides, normalize_short_forms
 
 __all__ = ["JobSpec", "SpecError", "load_spec", "spec_from_dict", "apply_overrides", "POLICY_PARAMS"]
 

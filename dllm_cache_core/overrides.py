@@ -1,7 +1,6 @@
 """Dotted `key=value` overrides for nested config dicts, shared by run_job.py and the eval CLI.
 
-`cache.policy=dllm_cache cache.kp=25` sets nested keys. Values are JSON scalars as in
-dllm_cache_core.eval's parser (`25` -> int, `0.9` -> float, `true` -> bool, `null` -> None), YAML
+`cache.policy=dllm_cache cache.kp=25` sets nested keys. Values are JSON scalars (`25` -> int, `0.9` -> float, `true` -> bool, `null` -> None), YAML
 flow lists/maps (`[task, policy]`, `{a: 1}`), and otherwise the text itself. A section with a short form takes a
 bare value: `cache=dual` replaces the whole `cache` section with `{policy: dual}` (as the reference
 eval CLIs do), so parameters of the previous policy do not leak into the new one.
