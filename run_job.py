@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"throughput: {r.rows_per_s:.2f} rows/s, {r.tokens_per_s:.1f} generated tokens/s over {r.wall_s:.1f} s "
               f"on {r.num_actors} actor(s); pipeline overhead {ov}")
     print(f"parquet:    {spec.output.path}")
-    print(f"report:     {r.report.get('md')} (+ report.json, plots/)")
+    print(f"report:     {r.report.get('md')} (+ report.json, plots/ beside it)")
     n_err = sum(r.errors.values())
     if n_err and n_err >= r.rows_total:
         print(f"ERROR: every row errored: {r.errors}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The job report beside the Parquet parts: report.json, report.md and PNG plots (matplotlib, Agg).
+"""The job report beside the Parquet parts, in `_report/`: report.json, report.md and PNG plots
+(matplotlib, Agg).
 
 Plots: flops_speedup histogram, speedup vs prompt length, latency distribution, errors by kind,
 audit token agreement. A plot with no data says so in the image, so every file always exists.
@@ -18,7 +19,9 @@ import pyarrow.compute as pc
 from . import fs as fsx
 from . import manifest, output
 
-REPORT_FILES = ("report.json", "report.md")
+REPORT_DIR = "_report"
+"""The report lives in `<output>/_report/`: readers of the output folder (pyarrow, pandas, Ray Data)
+skip `_`-prefixed entries, so `pd.read_parquet(output)` reads the parts and nothing else."""
 PLOTS = {
     "flops_speedup_hist": "plots/flops_speedup_hist.png",
     "speedup_vs_prompt_len": "plots/speedup_vs_prompt_len.png",
@@ -216,14 +219,15 @@ def write_report(out_uri: str, run: Optional[dict] = None, evaluation: Any = Non
     rep["run"] = run if run is not None else job.get("run")
     rep["plots"] = dict(PLOTS)
     paths = {}
-    fs.create_dir(fsx.join(d, "plots"), recursive=True)
+    rd, ru = fsx.join(d, REPORT_DIR), fsx.join(out_uri, REPORT_DIR)
+    fs.create_dir(fsx.join(rd, "plots"), recursive=True)
     for key, png in make_plots(table).items():
-        fsx.write_bytes_atomic(fs, fsx.join(d, PLOTS[key]), png)
-        paths[key] = fsx.join(out_uri, PLOTS[key])
-    fsx.write_bytes_atomic(fs, fsx.join(d, "report.json"), json.dumps(rep, indent=1, default=str).encode())
-    fsx.write_bytes_atomic(fs, fsx.join(d, "report.md"), to_markdown(rep, job.get("name", "")).encode())
-    paths["json"] = fsx.join(out_uri, "report.json")
-    paths["md"] = fsx.join(out_uri, "report.md")
+        fsx.write_bytes_atomic(fs, fsx.join(rd, PLOTS[key]), png)
+        paths[key] = fsx.join(ru, PLOTS[key])
+    fsx.write_bytes_atomic(fs, fsx.join(rd, "report.json"), json.dumps(rep, indent=1, default=str).encode())
+    fsx.write_bytes_atomic(fs, fsx.join(rd, "report.md"), to_markdown(rep, job.get("name", "")).encode())
+    paths["json"] = fsx.join(ru, "report.json")
+    paths["md"] = fsx.join(ru, "report.md")
     return paths
 
 

@@ -197,7 +197,7 @@ def _refuse_existing(spec: JobSpec, job: Optional[dict], parts: int) -> None:
 
 def remove_output(out_uri: str) -> None:
     """Delete what a job writes (parts, markers, report), nothing else."""
-    from .report import REPORT_FILES
+    from .report import REPORT_DIR
 
     fs, d = fsx.resolve(out_uri)
     if not fsx.exists(fs, d):
@@ -207,10 +207,10 @@ def remove_output(out_uri: str) -> None:
     for info in fs.get_file_info(pafs.FileSelector(d, recursive=False)):
         name = info.base_name
         ours = (name.startswith(output.PART_PREFIX) and name.endswith(output.PART_SUFFIX)) or name in (
-            manifest.JOB_FILE, manifest.SUCCESS_FILE, *REPORT_FILES) or (name.startswith(".") and name.endswith(".tmp"))
+            manifest.JOB_FILE, manifest.SUCCESS_FILE) or (name.startswith(".") and name.endswith(".tmp"))
         if ours and info.type == pafs.FileType.File:
             fs.delete_file(info.path)
-        elif name == "plots" and info.type == pafs.FileType.Directory:
+        elif name == REPORT_DIR and info.type == pafs.FileType.Directory:
             fs.delete_dir(info.path)
 
 

@@ -125,7 +125,7 @@ def test_actor_killed_mid_job_is_restarted_and_job_completes(ray_head, tiny, tmp
     assert generated < N_ROWS, "the kill did not land mid-job"
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     _assert_exactly_once(out)
-    workers = json.loads((out / "report.json").read_text())["run"]["workers"]
+    workers = json.loads((out / "_report" / "report.json").read_text())["run"]["workers"]
     assert len(workers) >= 2, f"expected a restarted actor process, got {workers}"
 
 
@@ -141,7 +141,7 @@ def test_ray_job_submit_runs_the_demo(ray_head, tiny, tmp_path):
     assert "succeeded" in r.stdout and f"parquet:    {out}" in r.stdout and "report:" in r.stdout
     ids = [i for p in out.glob("part-*.parquet") for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()]
     assert sorted(ids) == [f"demo-{i:03d}" for i in range(20)]
-    assert (out / "_SUCCESS").exists() and (out / "report.md").stat().st_size > 0
+    assert (out / "_SUCCESS").exists() and (out / "_report" / "report.md").stat().st_size > 0
 
 
 def test_run_job_exit_codes(ray_head, tiny, tmp_path):

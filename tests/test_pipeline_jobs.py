@@ -87,16 +87,18 @@ def test_job_end_to_end_with_audit_evaluation_and_report(dual_run):
     assert 0 < len(audited) < 12 and all(0.0 <= r["audit_token_agreement"] <= 1.0 and r["audit_speedup"] > 0 for r in audited)
     sizes = sorted(pq.read_metadata(p.path).num_rows for p in output.list_parts(*fsx.resolve(spec.output.path)))
     assert sum(sizes) == 12 and len(sizes) > 1 and all(n >= 4 for n in sizes[1:])  # min_rows_per_file=4
-    rep = json.loads((out / "report.json").read_text())
+    rep = json.loads((out / "_report" / "report.json").read_text())
     assert rep["rows"] == 12 and rep["audit"]["rows"] == len(audited)
     ev = rep["evaluation"]
     assert ev["scored"] == 12 and ev["accuracy"] == pytest.approx(sum(r["score"] for r in rows) / 12)
     assert set(ev["by"]["task"]) == {"even", "odd"} and ev["by"]["cache_policy"]["dual"]["n"] == 12
     assert rep["run"]["rows_per_s"] > 0 and 0.0 <= rep["run"]["overhead"] < 1.0
-    for p in [out / "report.md", *[out / v for v in rep["plots"].values()]]:
+    for p in [out / "_report" / "report.md", *[out / "_report" / v for v in rep["plots"].values()]]:
         assert p.stat().st_size > 0, p
-    assert (out / "plots" / "flops_speedup_hist.png").read_bytes()[:4] == b"\x89PNG"
-    assert "accuracy" in (out / "report.md").read_text()
+    assert (out / "_report" / "plots" / "flops_speedup_hist.png").read_bytes()[:4] == b"\x89PNG"
+    assert "accuracy" in (out / "_report" / "report.md").read_text()
+    # the output folder reads as one Parquet dataset: the report and markers are skipped by readers
+    assert pq.read_table(str(out)).num_rows == 12
 
 
 def test_bad_rows_become_error_rows_and_the_job_completes(ray_local, tiny, tmp_path):
