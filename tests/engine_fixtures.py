@@ -160,12 +160,9 @@ KNOWN_POLICIES = ("none", "prefix", "dual", "dllm_cache", "d2cache")
 
 
 def require_policy(name: str) -> None:
-    """Skip (not fail) a table entry whose policy file has not landed yet; none/prefix/dual are
-    asserted present by test_cache.py::test_required_policies_registered."""
+    """Every policy of the tables must be registered: a missing one fails its tests."""
     if name not in policy_names():
-        if name in REQUIRED_POLICIES:
-            raise AssertionError(f"required policy {name!r} is not registered: {policy_names()}")
-        pytest.skip(f"policy {name!r} not registered yet (registered: {policy_names()})")
+        raise AssertionError(f"policy {name!r} is not registered: {policy_names()}")
 
 
 class ForwardRecorder:
