@@ -88,19 +88,6 @@ class RowCounters:
         self.flops += a * (n * (q * self.fm.per_token_layer + q * k * self.fm.per_attn_pair)
                            + head_rows * self.fm.per_head_row + _f64(extra))
 
-    def add_layers(self, q_tokens, keys, layers: int = 1) -> None:
-        """Layer-granular accounting (policies whose recomputed set changes per layer)."""
-        a = self.active.double()
-        q, k = _f64(q_tokens), _f64(keys)
-        self.token_layers += a * (q * layers)
-        self.flops += a * (layers * (q * self.fm.per_token_layer + q * k * self.fm.per_attn_pair))
-
-    def add_flops(self, flops) -> None:
-        self.flops += self.active.double() * _f64(flops)
-
-    def add_head(self, rows: int) -> None:
-        self.flops += self.active.double() * (rows * self.fm.per_head_row)
-
 
 def token_agreement(a: list[int], b: list[int]) -> float:
     """Positions holding the same token, over the longer of the two outputs; 1.0 for two empty ones."""

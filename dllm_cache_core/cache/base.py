@@ -125,36 +125,22 @@ class CachePolicy:
     def cached_range_forward(self, x: torch.Tensor, step: StepInfo, q_start: int, q_end: int,
                              kv: list) -> torch.Tensor:
         """Recompute queries [q_start, q_end) in every layer, write their K/V into the cache in place
-        and attend over the whole cached sequence (Fast-dLLM's sliced call with a KV cache)."""
-        ctx, m = self.ctx, self.model
-        if use_cuda_graphs(x):
-            graphs = self.__dict__.setdefault("_range_graphs", {})
-            key = (q_end - q_start, id(kv))
-            if key not in graphs:
-                graphs[key] = RangeStepGraph(self, q_end - q_start, kv, pool=_first_pool(graphs))
-            logits = graphs[key].run(x, q_start, self.out_index(step, q_start))
-            ctx.counters.forward(q_end - q_start, ctx.real_len, head_rows=step.end - step.start)
-            return logits
-
-        def layer_fn(i, layer, h, cos, sin):
-            q, k, v = layer.qkv(layer.attn_in(h))
-            K, V = kv[i]
-            K[:, q_start:q_end] = m.apply_rope(k, cos, sin)
-            V[:, q_start:q_end] = v
-            h = h + layer.attn_proj(m.attend(m.apply_rope(q, cos, sin), K, V, ctx.attn_mask))
-            return h + layer.ffn(h)
-
-        logits = m(x[:, q_start:q_end], ctx.positions[:, q_start:q_end], ctx.attn_mask,
-                   layer_fn=layer_fn, out_index=self.out_index(step, q_start))
+        and attend over the whole cached sequence (Fast-dLLM's sliced call with a KV cache).
+        One static-shape step per query count serves every block; on GPUs it is a CUDA graph."""
+        ctx = self.ctx
+        steps = self.__dict__.setdefault("_range_steps", {})
+        key = (q_end - q_start, id(kv))
+        if key not in steps:
+            steps[key] = RangeStep(self, q_end - q_start, kv, pool=_first_pool(steps))
+        logits = steps[key].run(x, q_start, self.out_index(step, q_start))
         ctx.counters.forward(q_end - q_start, ctx.real_len, head_rows=step.end - step.start)
         return logits
 
 
 def use_cuda_graphs(x: torch.Tensor) -> bool:
     """Cached block steps are replayed as CUDA graphs on GPUs (launch overhead dominates at small
-    batch); DLLM_CUDA_GRAPHS=0 turns this off, =force runs the graph body eagerly on CPU (tests)."""
-    flag = os.environ.get("DLLM_CUDA_GRAPHS", "1")
-    return flag == "force" or (x.is_cuda and flag != "0")
+    batch); DLLM_CUDA_GRAPHS=0 runs the same step eagerly."""
+    return x.is_cuda and os.environ.get("DLLM_CUDA_GRAPHS", "1") != "0"
 
 
 def _first_pool(graphs: dict):
@@ -165,9 +151,9 @@ def _first_pool(graphs: dict):
     return None
 
 
-class RangeStepGraph:
-    """One CUDA graph of `cached_range_forward` for a fixed query count n: the query range moves
-    through static index buffers (index_copy_ into the K/V cache), so every block reuses it."""
+class RangeStep:
+    """`cached_range_forward` for a fixed query count n: the query range moves through static index
+    buffers (index_copy_ into the K/V cache), so every block reuses it and it can be a CUDA graph."""
 
     def __init__(self, policy: CachePolicy, n: int, kv: list, pool=None):
         ctx, m = policy.ctx, policy.model
@@ -184,17 +170,16 @@ class RangeStepGraph:
 
     def _body(self) -> torch.Tensor:
         ctx, m, kv, idx = self.ctx, self.model, self.kv, self.idx
-        h = m.embed(self.ids)
-        cos, sin = m.rope(self.pos)
-        for i, layer in enumerate(m.layers):
+
+        def layer_fn(i, layer, h, cos, sin):
             q, k, v = layer.qkv(layer.attn_in(h))
             K, V = kv[i]
             K.index_copy_(1, idx, m.apply_rope(k, cos, sin))
             V.index_copy_(1, idx, v)
             h = h + layer.attn_proj(m.attend(m.apply_rope(q, cos, sin), K, V, ctx.attn_mask))
-            h = h + layer.ffn(h)
-        h = h.gather(1, self.oidx.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
-        return m.head(h)
+            return h + layer.ffn(h)
+
+        return m(self.ids, self.pos, ctx.attn_mask, layer_fn=layer_fn, out_index=self.oidx)
 
     def run(self, x: torch.Tensor, q_start: int, out_index: torch.Tensor) -> torch.Tensor:
         n = self.ar.shape[0]
@@ -202,7 +187,7 @@ class RangeStepGraph:
         self.ids.copy_(x[:, q_start:q_start + n])
         self.pos.copy_(self.ctx.positions[:, q_start:q_start + n])
         self.oidx.copy_(out_index)
-        if not x.is_cuda:  # DLLM_CUDA_GRAPHS=force on CPU: the same static-index body, run eagerly (tests)
+        if not use_cuda_graphs(x):
             return self._body()
         if not self.captured:
             # Warm-up and capture write the same K/V the step itself writes (same inputs): harmless.

@@ -7,7 +7,7 @@ from torch import nn
 
 from .base import DiffusionLM
 from .config import ModelConfig
-from .layers import DecoderLayer, RMSNorm, check_config, linear
+from .layers import DecoderLayer, RMSNorm, check_config, gated_mlp, linear
 
 
 class LLaDABlock(DecoderLayer):
@@ -39,8 +39,7 @@ class LLaDABlock(DecoderLayer):
         return self.v_proj(hn)
 
     def ffn(self, h):
-        x = self.ff_norm(h)
-        return self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))
+        return gated_mlp(self.ff_norm(h), self.ff_proj, self.up_proj, self.ff_out)
 
 
 class _Core(nn.Module):
