@@ -50,11 +50,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_jsonl, env_info, random_prompts, read_jsonl, sync  # noqa: E402
+from common import append_jsonl, env_info, env_vars, random_prompts, read_jsonl, sync  # noqa: E402
 
 import dllm_cache_core.decoding.generate as G  # noqa: E402
 from dllm_cache_core import CacheConfig, GenerationConfig, generate, load_model  # noqa: E402
 from dllm_cache_core.cache.registry import policy_names  # noqa: E402
+from dllm_cache_core.models import fused  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -374,15 +375,10 @@ class Bench:
                 n = int(max(4, min(cpb, 1 + (W - t_first) / max(t_step, 1e-3))))
                 win = dict(max_blocks=1, max_calls=n)
             # record pass, eager (DLLM_CUDA_GRAPHS=0: graph replays dispatch nothing), then the timed pass
-            old = os.environ.get("DLLM_CUDA_GRAPHS")
-            os.environ["DLLM_CUDA_GRAPHS"] = "0"
-            try:
+            # (and DLLM_COMPILE=0: compiled kernels bypass the dispatcher; the roofline counts only
+            # matmuls and SDPA, which compiling does not change)
+            with env_vars(DLLM_CUDA_GRAPHS="0", DLLM_COMPILE="0"):
                 _, shapes = self.run(prompts, gen, cache, record=True, **win)
-            finally:
-                if old is None:
-                    os.environ.pop("DLLM_CUDA_GRAPHS", None)
-                else:
-                    os.environ["DLLM_CUDA_GRAPHS"] = old
             n_rec_calls = ins.calls
             if CUDA:
                 torch.cuda.reset_peak_memory_stats()
@@ -461,7 +457,9 @@ class Bench:
         except Exception as e:  # noqa: BLE001
             rec.update(error=type(e).__name__, error_msg=str(e)[:500])
             traceback.print_exc()
-        rec.update(reference_tokens_per_s=None, bench_s=round(time.perf_counter() - t_cfg, 2), **self.env)
+        rec.update(reference_tokens_per_s=None, bench_s=round(time.perf_counter() - t_cfg, 2), **self.env,
+                   fused_compile=fused.status(self.device),
+                   cuda_graphs=os.environ.get("DLLM_CUDA_GRAPHS", "1") != "0")
         gc.collect()
         if "error" in rec and CUDA:
             torch.cuda.empty_cache()

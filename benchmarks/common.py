@@ -5,6 +5,7 @@ dllm_cache_core.models.tiny, so every shape is written in the real on-disk layou
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -83,6 +84,21 @@ def env_info() -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         pass
     return info
+
+
+@contextlib.contextmanager
+def env_vars(**values: str):
+    """Set environment variables for a block (the engine reads its switches per call)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def append_jsonl(path: str | os.PathLike, rec: dict[str, Any]) -> None:

@@ -1,29 +1,116 @@
-"""GPU smoke check: CUDA-graph cached steps give the same tokens as eager; rough step timings."""
-import os, tempfile, time, json
-import torch
-from dllm_cache_core.models.tiny import write_tiny_checkpoint
-from dllm_cache_core import load_model, generate, GenerationConfig, CacheConfig
+"""GPU smoke check, run first on a new machine (correctness, not benchmark numbers):
+- CUDA-graph steps (full forwards and cached block steps) give the same tokens as the same steps run
+  eagerly, for every policy;
+- the fused (torch.compile'd) elementwise kernels agree with the eager ones (token agreement; bf16
+  rounding differs, so not asserted);
+- rough per-mode timings, and one LLaDA-8B-shaped layer eager vs fused.
 
-d = tempfile.mkdtemp()
-write_tiny_checkpoint(d, "llada", d_model=1024, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=2816,
-                      max_sequence_length=4096)
-m, _ = load_model(d, device="cuda", dtype="bfloat16")
-res = {}
-for B in (1, 8):
-    prompts = [list(range(10, 10 + 200 - i)) for i in range(B)]
-    gen = GenerationConfig(gen_length=256, block_length=32, stop_at_eos=False)
-    for pol in ("none", "prefix", "dual", "dllm_cache"):
-        for flag in ("0", "1"):
-            if pol in ("none", "dllm_cache") and flag == "1":
-                continue
-            os.environ["DLLM_CUDA_GRAPHS"] = flag
-            generate(m, prompts, gen, CacheConfig(policy=pol))  # warm-up
-            torch.cuda.synchronize(); t = time.perf_counter()
-            out = generate(m, prompts, gen, CacheConfig(policy=pol))
-            torch.cuda.synchronize(); dt = time.perf_counter() - t
-            res[f"B{B}-{pol}-graphs{flag}"] = {"tok_s": round(B * 256 / dt, 1), "ms_per_call": round(1000 * dt / out[0].stats.nfe, 2),
-                                              "tokens": out[0].token_ids[:12]}
-    for pol in ("prefix", "dual"):
-        same = res[f"B{B}-{pol}-graphs0"]["tokens"] == res[f"B{B}-{pol}-graphs1"]["tokens"]
-        res[f"B{B}-{pol}-same"] = same
-print(json.dumps(res, indent=1))
+    python benchmarks/smoke_gpu.py [--out smoke.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import env_vars  # noqa: E402
+
+from dllm_cache_core import CacheConfig, GenerationConfig, generate, load_model  # noqa: E402
+from dllm_cache_core.models import fused  # noqa: E402
+from dllm_cache_core.models.config import model_config  # noqa: E402
+from dllm_cache_core.models.llada import LLaDABlock  # noqa: E402
+from dllm_cache_core.models.layers import rope_tables  # noqa: E402
+from dllm_cache_core.models.tiny import write_tiny_checkpoint  # noqa: E402
+from dllm_cache_core.stats import token_agreement  # noqa: E402
+
+MODES = {"eager": ("0", "0"), "fused": ("0", "auto"), "fused+graphs": ("1", "auto")}
+
+
+def timed(fn) -> tuple[float, object]:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t, out
+
+
+def decode_checks(res: dict) -> None:
+    d = tempfile.mkdtemp()
+    write_tiny_checkpoint(d, "llada", d_model=1024, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=2816,
+                          max_sequence_length=4096)
+    m, _ = load_model(d, device="cuda", dtype="bfloat16")
+    for B in (1, 8):
+        prompts = [list(range(10, 10 + 200 - 3 * i)) for i in range(B)]
+        for thr in (None, 0.9):
+            gen = GenerationConfig(gen_length=128, block_length=32, stop_at_eos=False, threshold=thr)
+            for pol in ("none", "prefix", "dual", "dllm_cache", "d2cache"):
+                toks = {}
+                for mode, (graphs, comp) in MODES.items():
+                    with env_vars(DLLM_CUDA_GRAPHS=graphs, DLLM_COMPILE=comp):
+                        generate(m, prompts, gen, CacheConfig(policy=pol))  # warm-up, capture, compile
+                        dt, out = timed(lambda: generate(m, prompts, gen, CacheConfig(policy=pol)))
+                    toks[mode] = [o.token_ids for o in out]
+                    res[f"B{B}-thr{thr}-{pol}-{mode}"] = {"tok_s": round(B * 128 / dt, 1),
+                                                          "nfe": out[0].stats.nfe}
+                res[f"B{B}-thr{thr}-{pol}-graph_equals_eager"] = toks["fused+graphs"] == toks["fused"]
+                res[f"B{B}-thr{thr}-{pol}-fused_vs_eager_agreement"] = round(
+                    sum(token_agreement(a, b) for a, b in zip(toks["fused"], toks["eager"])) / B, 4)
+                print(pol, B, thr, {k: v for k, v in res.items() if k.startswith(f"B{B}-thr{thr}-{pol}")},
+                      flush=True)
+
+
+def layer_8b(res: dict) -> None:
+    cfg = model_config({"model_type": "llada", "d_model": 4096, "n_layers": 1, "n_heads": 32, "n_kv_heads": 32,
+                        "mlp_hidden_size": 12288, "vocab_size": 126464, "embedding_size": 126464,
+                        "max_sequence_length": 4096, "rope_theta": 500000.0, "mask_token_id": 126336,
+                        "eos_token_id": 126081})
+    layer = LLaDABlock(cfg).to("cuda", torch.bfloat16)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    from dllm_cache_core.models.layers import apply_rope, attend
+
+    def full(h, cos, sin):
+        q, k, v = layer.qkv(layer.attn_in(h))
+        q, k = apply_rope(q, cos, sin, 128, True), apply_rope(k, cos, sin, 128, True)
+        h = h + layer.attn_proj(attend(q, k, v, 128, None))
+        return h + layer.ffn(h)
+
+    for B in (1, 8, 32):
+        h = torch.randn(B, 512, 4096, device="cuda", dtype=torch.bfloat16)
+        cos, sin = rope_tables(torch.arange(512, device="cuda").expand(B, -1), 128, 500000.0)
+        for comp in ("0", "auto"):
+            with env_vars(DLLM_COMPILE=comp), torch.no_grad():
+                for _ in range(3):
+                    full(h, cos, sin)
+                dt, _ = timed(lambda: [full(h, cos, sin) for _ in range(10)])
+            res[f"layer8b-B{B}-compile_{comp}_ms"] = round(dt * 100, 3)
+        print({k: v for k, v in res.items() if k.startswith(f"layer8b-B{B}")}, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    res: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
+    try:
+        layer_8b(res)
+        decode_checks(res)
+    finally:
+        res["fused_status"] = fused.status(torch.device("cuda"))
+        text = json.dumps(res, indent=1)
+        print(text)
+        if a.out:
+            Path(a.out).write_text(text + "\n")
+    bad = [k for k, v in res.items() if k.endswith("graph_equals_eager") and v is not True]
+    if bad:
+        sys.exit(f"graph replay differs from eager: {bad}")
+
+
+if __name__ == "__main__":
+    main()

@@ -98,20 +98,20 @@ class CachePolicy:
 
     def full_forward(self, x: torch.Tensor, step: StepInfo, store: Optional[list] = None) -> torch.Tensor:
         """Uncached forward over the whole canvas; with `store`, writes each layer's K/V into
-        store[layer] = (K, V) buffers of shape (B, L, kv_dim)."""
+        store[layer] = (K, V) buffers of shape (B, L, kv_dim). One static step per store (a CUDA graph
+        on GPUs: at small batch an eager full forward is bound by kernel launches)."""
         ctx = self.ctx
-        m = self.model
-
-        def layer_fn(i, layer, h, cos, sin):
-            h, k, v = m.layer_full(layer, h, cos, sin, ctx.attn_mask)
-            if store is not None:
-                store[i][0].copy_(k)
-                store[i][1].copy_(v)
-            return h
-
-        logits = m(x, ctx.positions, ctx.attn_mask, layer_fn=layer_fn, out_index=self.out_index(step, 0))
+        key = ("full", id(store))
+        if key not in self._steps:
+            self._steps[key] = FullStep(self, store, pool=_first_pool(self._steps))
+        logits = self._steps[key].run(x, self.out_index(step, 0))
         ctx.counters.forward(ctx.real_len, ctx.real_len, head_rows=step.end - step.start)
         return logits
+
+    @property
+    def _steps(self) -> dict:
+        """The static steps of this generate() call (one per shape and buffer set), sharing a graph pool."""
+        return self.__dict__.setdefault("_static_steps", {})
 
     def kv_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Preallocated per-layer (K, V) of shape (B, L, kv_dim), post-RoPE (rotation is per position,
@@ -128,18 +128,17 @@ class CachePolicy:
         and attend over the whole cached sequence (Fast-dLLM's sliced call with a KV cache).
         One static-shape step per query count serves every block; on GPUs it is a CUDA graph."""
         ctx = self.ctx
-        steps = self.__dict__.setdefault("_range_steps", {})
         key = (q_end - q_start, id(kv))
-        if key not in steps:
-            steps[key] = RangeStep(self, q_end - q_start, kv, pool=_first_pool(steps))
-        logits = steps[key].run(x, q_start, self.out_index(step, q_start))
+        if key not in self._steps:
+            self._steps[key] = RangeStep(self, q_end - q_start, kv, pool=_first_pool(self._steps))
+        logits = self._steps[key].run(x, q_start, self.out_index(step, q_start))
         ctx.counters.forward(q_end - q_start, ctx.real_len, head_rows=step.end - step.start)
         return logits
 
 
 def use_cuda_graphs(x: torch.Tensor) -> bool:
-    """Cached block steps are replayed as CUDA graphs on GPUs (launch overhead dominates at small
-    batch); DLLM_CUDA_GRAPHS=0 runs the same step eagerly."""
+    """Block steps and full forwards are replayed as CUDA graphs on GPUs (launch overhead dominates at
+    small batch); DLLM_CUDA_GRAPHS=0 runs the same steps eagerly."""
     return x.is_cuda and os.environ.get("DLLM_CUDA_GRAPHS", "1") != "0"
 
 
@@ -151,22 +150,80 @@ def _first_pool(graphs: dict):
     return None
 
 
-class RangeStep:
+class StaticStep:
+    """A forward whose inputs live in static buffers: run eagerly, or captured once as a CUDA graph and
+    replayed (the buffers are refilled before each call, so every block reuses one capture)."""
+
+    def __init__(self, policy: CachePolicy, pool=None):
+        self.ctx, self.model = policy.ctx, policy.model
+        self.graph = torch.cuda.CUDAGraph() if self.ctx.positions.is_cuda else None
+        self.pool = pool
+        self.captured = False
+        self.logits: Optional[torch.Tensor] = None
+
+    def _body(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        if not use_cuda_graphs(x):
+            return self._body()
+        if not self.captured:
+            # Warm-up (also compiles the fused kernels) and capture write the same K/V the step itself
+            # writes from the same inputs: harmless.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._body()
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                self.logits = self._body()
+            self.captured = True
+        self.graph.replay()
+        return self.logits
+
+
+class FullStep(StaticStep):
+    """`full_forward` over the whole canvas, optionally storing every layer's K/V."""
+
+    def __init__(self, policy: CachePolicy, store: Optional[list], pool=None):
+        super().__init__(policy, pool)
+        ctx = self.ctx
+        self.store = store
+        self.ids = torch.zeros(ctx.batch, ctx.seq_len, dtype=torch.long, device=ctx.positions.device)
+        self.oidx = torch.zeros(ctx.batch, ctx.block_length, dtype=torch.long, device=ctx.positions.device)
+
+    def _body(self) -> torch.Tensor:
+        ctx, m, store = self.ctx, self.model, self.store
+
+        def layer_fn(i, layer, h, cos, sin):
+            h, k, v = m.layer_full(layer, h, cos, sin, ctx.attn_mask)
+            if store is not None:
+                store[i][0].copy_(k)
+                store[i][1].copy_(v)
+            return h
+
+        return m(self.ids, ctx.positions, ctx.attn_mask, layer_fn=layer_fn, out_index=self.oidx)
+
+    def run(self, x: torch.Tensor, out_index: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(x)
+        self.oidx.copy_(out_index)
+        return self._call(x)
+
+
+class RangeStep(StaticStep):
     """`cached_range_forward` for a fixed query count n: the query range moves through static index
     buffers (index_copy_ into the K/V cache), so every block reuses it and it can be a CUDA graph."""
 
     def __init__(self, policy: CachePolicy, n: int, kv: list, pool=None):
-        ctx, m = policy.ctx, policy.model
+        super().__init__(policy, pool)
+        ctx = self.ctx
         B, dev = ctx.batch, ctx.positions.device
-        self.ctx, self.model, self.kv = ctx, m, kv
+        self.kv = kv
         self.ar = torch.arange(n, device=dev)
         self.idx = torch.zeros(n, dtype=torch.long, device=dev)
         self.ids = torch.zeros(B, n, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, n, dtype=torch.long, device=dev)
         self.oidx = torch.zeros(B, ctx.block_length, dtype=torch.long, device=dev)
-        self.graph = torch.cuda.CUDAGraph() if dev.type == "cuda" else None
-        self.pool = pool
-        self.captured = False
 
     def _body(self) -> torch.Tensor:
         ctx, m, kv, idx = self.ctx, self.model, self.kv, self.idx
@@ -187,17 +244,4 @@ class RangeStep:
         self.ids.copy_(x[:, q_start:q_start + n])
         self.pos.copy_(self.ctx.positions[:, q_start:q_start + n])
         self.oidx.copy_(out_index)
-        if not use_cuda_graphs(x):
-            return self._body()
-        if not self.captured:
-            # Warm-up and capture write the same K/V the step itself writes (same inputs): harmless.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._body()
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(self.graph, pool=self.pool):
-                self.logits = self._body()
-            self.captured = True
-        self.graph.replay()
-        return self.logits
+        return self._call(x)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .fused import fused
 
 
 class RMSNorm(nn.Module):
@@ -25,9 +26,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+@fused
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +49,7 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
     return emb.cos(), emb.sin()
 
 
+@fused
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int, fp32: bool) -> torch.Tensor:
     """Rotate (B, n, heads*D). LLaDA rotates in fp32; Dream casts cos/sin to x's dtype first."""
     B, n, _ = x.shape
@@ -111,8 +118,13 @@ def linear(i: int, o: int, bias: bool) -> nn.Linear:
     return nn.Linear(i, o, bias=bias)
 
 
+@fused
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u
+
+
 def gated_mlp(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
-    return down(F.silu(gate(x)) * up(x))
+    return down(silu_mul(gate(x), up(x)))
 
 
 def check_config(cfg: ModelConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..models import fused
 from ..models.config import model_config
 from ..models.llada import LLaDAModelLM
 from .checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
@@ -44,6 +46,9 @@ class TrainConfig:
     stop_after: int = 0
     """End this run after that many steps, keeping the schedule of `steps` (0 = no limit): splits a fixed
     schedule over several short leases, each resuming where the last stopped."""
+    stop_minutes: float = 0.0
+    """End this run after that many minutes of training, keeping the schedule fitted to max_minutes
+    (0 = no limit): a time-fitted schedule split over several leases; the next run resumes it."""
     resume: bool = True
     """Continue from out/ckpt.pt.* when present."""
     lr: float = 2e-3
@@ -179,16 +184,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if time.time() - t0 > budget:
             print(f"time budget reached at step {step}", flush=True)
             break
+        if cfg.stop_minutes and time.time() - t0 > cfg.stop_minutes * 60:
+            print(f"stop_minutes reached at step {step} (schedule total {total})", flush=True)
+            break
         lr = lr_at(step, cfg, phase_start, total or 10 ** 9)
         for g in opt.param_groups:
             g["lr"] = lr
         task = batch.pop("task")
         batch = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + step)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
-            loss, metrics = diffusion_loss(model, batch, cj["mask_token_id"], cfg.eps, gen)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, metrics = _loss_backward(model, batch, cj["mask_token_id"], cfg, step, dev,
+                                       probe=step == run_start)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         log.add(task, loss, {**metrics, "grad_norm": gnorm})
@@ -218,7 +224,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     total = total or step
     _save(out, model, opt, cfg, step, phase_start, total, elapsed_before + train_s)
     summary: dict[str, Any] = {"step": step, "total_steps": total, "train_minutes_this_run": round(train_s / 60, 2),
-                               "tokens_this_run": tokens, "data_wait_s": round(data_wait, 1), "params": n_params}
+                               "tokens_this_run": tokens, "data_wait_s": round(data_wait, 1), "params": n_params,
+                               "fused_compile": fused.status(dev)}
     if cfg.export:
         summary["export_sha256"] = export_model(model.state_dict(), cj, cfg.tokenizer, cfg.export)
         print(f"exported {cfg.export} sha256 {summary['export_sha256']}", flush=True)
@@ -230,6 +237,29 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1), flush=True)
     return summary
+
+
+def _loss_backward(model, batch: dict, mask_id: int, cfg: TrainConfig, step: int, dev: torch.device,
+                   probe: bool) -> tuple[torch.Tensor, dict]:
+    """Forward + backward of one step. On GPUs the model's elementwise chains are compiled
+    (models/fused.py); the backward compiles lazily, so the run's first step is a probe: if compiling
+    fails there, the step is redone eagerly and the run continues without compiling."""
+    def once():
+        gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_003 + step)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss, metrics = diffusion_loss(model, batch, mask_id, cfg.eps, gen)
+        loss.backward()
+        return loss, metrics
+
+    if not probe or not fused.wants_compile(batch["ids"].to(dev)):
+        return once()
+    try:
+        return once()
+    except Exception as e:  # noqa: BLE001 - a compiler failure must not end a lease's run
+        print(f"compiled step failed ({type(e).__name__}: {e}); continuing eagerly", flush=True)
+        os.environ["DLLM_COMPILE"] = "0"
+        model.zero_grad(set_to_none=True)
+        return once()
 
 
 def _save(out: Path, model, opt, cfg: TrainConfig, step: int, phase_start: int, total: int, seconds: float) -> None:
