@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import env_vars  # noqa: E402
 
@@ -29,22 +30,28 @@ from dllm_cache_core.models.layers import rope_tables  # noqa: E402
 from dllm_cache_core.models.tiny import write_tiny_checkpoint  # noqa: E402
 from dllm_cache_core.stats import token_agreement  # noqa: E402
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = {"eager": ("0", "0"), "fused": ("0", "auto"), "fused+graphs": ("1", "auto")}
 
 
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn) -> tuple[float, object]:
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    sync()
     return time.perf_counter() - t, out
 
 
-def decode_checks(res: dict) -> None:
+def decode_checks(res: dict, d_model: int) -> None:
     d = tempfile.mkdtemp()
-    write_tiny_checkpoint(d, "llada", d_model=1024, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=2816,
-                          max_sequence_length=4096)
-    m, _ = load_model(d, device="cuda", dtype="bfloat16")
+    write_tiny_checkpoint(d, "llada", d_model=d_model, n_layers=8, n_heads=8, n_kv_heads=8,
+                          mlp_hidden_size=d_model * 11 // 4, max_sequence_length=4096)
+    m, _ = load_model(d, device=DEV, dtype="bfloat16")
     for B in (1, 8):
         prompts = [list(range(10, 10 + 200 - 3 * i)) for i in range(B)]
         for thr in (None, 0.9):
@@ -96,13 +103,16 @@ def layer_8b(res: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--d-model", type=int, default=1024)
+    ap.add_argument("--no-layer", action="store_true", help="skip the 8B-shaped layer timing")
     a = ap.parse_args()
-    res: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
+    res: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu"}
     try:
-        layer_8b(res)
-        decode_checks(res)
+        if not a.no_layer:
+            layer_8b(res)
+        decode_checks(res, a.d_model)
     finally:
-        res["fused_status"] = fused.status(torch.device("cuda"))
+        res["fused_status"] = fused.status(torch.device(DEV))
         text = json.dumps(res, indent=1)
         print(text)
         if a.out:

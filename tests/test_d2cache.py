@@ -2,6 +2,7 @@
 writes, stats. The lead's tables in test_cache.py / test_stats.py cover it too; these are its own."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dllm_cache_core.cache.registry import policy_names  # noqa: E402
 
 policy_names()  # load the built-in policies first: the registry loads them only while it is empty
 
+import dllm_cache_core.cache.d2cache as d2  # noqa: E402
 from dllm_cache_core.cache.d2cache import D2Cache, inflate, nucleus, rollout_importance, stage1_pick  # noqa: E402
 from dllm_cache_core.decoding.generate import _Decoder  # noqa: E402
 from engine_fixtures import FAMILIES, PROMPTS, _one_torch_thread, decode_model  # noqa: E402,F401
@@ -205,7 +207,8 @@ def test_flops_model_matches_counted_matmuls(models, fam):
     hooks += [q.register_forward_hook(lambda mod, i, o: layer_rows.append(i[0].shape[1])) for q in q_projs]
     hooks.append(m.register_forward_hook(lambda *a: forwards.__setitem__(0, forwards[0] + 1)))
     try:
-        st = generate(m, [prompt], g, CacheConfig("d2cache", current_k=4))[0].stats
+        with unpadded_slots():  # count exactly the real queries' matmuls
+            st = generate(m, [prompt], g, CacheConfig("d2cache", current_k=4))[0].stats
     finally:
         for h in hooks:
             h.remove()
@@ -218,6 +221,33 @@ def test_flops_model_matches_counted_matmuls(models, fam):
     assert st.token_layers_computed == int(r.sum())
     assert st.token_layers_computed < st.nfe * L * cfg.n_layers
     assert st.flops == pytest.approx(lin_flops[0] + float(attn + overhead), rel=1e-12)
+
+
+@contextlib.contextmanager
+def unpadded_slots():
+    """Slot counts not rounded up (QUANTUM 1)."""
+    old = d2.QUANTUM
+    d2.QUANTUM = 1
+    try:
+        yield
+    finally:
+        d2.QUANTUM = old
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_slot_padding_is_inert(models, fam):
+    """Rounding the slot count up to QUANTUM (so that a few CUDA graphs serve every step) adds query
+    slots that write only the trash row, produce no logits and carry no rollout weight: same tokens,
+    same stats, for a batch with padding and different per-row counts."""
+    g = GenerationConfig(gen_length=64, block_length=16, steps=32, stop_at_eos=False)
+    prompts = [PROMPTS[0], PROMPTS[1][:5]]
+    padded = generate(models[fam], prompts, g, CacheConfig("d2cache", current_k=4))
+    with unpadded_slots():
+        exact = generate(models[fam], prompts, g, CacheConfig("d2cache", current_k=4))
+    for a, b in zip(padded, exact):
+        assert a.token_ids == b.token_ids
+        assert a.stats.token_layers_computed == b.stats.token_layers_computed
+        assert a.stats.flops == pytest.approx(b.stats.flops, rel=1e-12)
 
 
 @pytest.mark.parametrize("fam", FAMILIES)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
@@ -98,15 +98,33 @@ class CachePolicy:
 
     def full_forward(self, x: torch.Tensor, step: StepInfo, store: Optional[list] = None) -> torch.Tensor:
         """Uncached forward over the whole canvas; with `store`, writes each layer's K/V into
-        store[layer] = (K, V) buffers of shape (B, L, kv_dim). One static step per store (a CUDA graph
-        on GPUs: at small batch an eager full forward is bound by kernel launches)."""
+        store[layer] = (K, V) buffers of shape (B, L, kv_dim). A static step per store (a CUDA graph on
+        GPUs: at small batch an eager full forward is bound by kernel launches)."""
         ctx = self.ctx
-        key = ("full", id(store))
-        if key not in self._steps:
-            self._steps[key] = FullStep(self, store, pool=_first_pool(self._steps))
-        logits = self._steps[key].run(x, self.out_index(step, 0))
+        run = self.canvas_step(("full", id(store)), lambda ids, oidx: self._full(ids, oidx, store))
+        logits = run(x, self.out_index(step, 0))
         ctx.counters.forward(ctx.real_len, ctx.real_len, head_rows=step.end - step.start)
         return logits
+
+    def _full(self, ids: torch.Tensor, out_index: torch.Tensor, store: Optional[list]) -> torch.Tensor:
+        ctx, m = self.ctx, self.model
+
+        def layer_fn(i, layer, h, cos, sin):
+            h, k, v = m.layer_full(layer, h, cos, sin, ctx.attn_mask)
+            if store is not None:
+                store[i][0].copy_(k)
+                store[i][1].copy_(v)
+            return h
+
+        return m(ids, ctx.positions, ctx.attn_mask, layer_fn=layer_fn, out_index=out_index)
+
+    def canvas_step(self, key, body: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> "CanvasStep":
+        """The static step `key` of this generate() call, built on first use: body(ids, out_index)
+        over the whole batch's canvas, the same computation every time it is called (only the inputs
+        change), so it can be captured once and replayed."""
+        if key not in self._steps:
+            self._steps[key] = CanvasStep(self, body)
+        return self._steps[key]
 
     @property
     def _steps(self) -> dict:
@@ -130,7 +148,7 @@ class CachePolicy:
         ctx = self.ctx
         key = (q_end - q_start, id(kv))
         if key not in self._steps:
-            self._steps[key] = RangeStep(self, q_end - q_start, kv, pool=_first_pool(self._steps))
+            self._steps[key] = RangeStep(self, q_end - q_start, kv)
         logits = self._steps[key].run(x, q_start, self.out_index(step, q_start))
         ctx.counters.forward(q_end - q_start, ctx.real_len, head_rows=step.end - step.start)
         return logits
@@ -143,7 +161,6 @@ def use_cuda_graphs(x: torch.Tensor) -> bool:
 
 
 def _first_pool(graphs: dict):
-    """Graphs of one generate() call replay one after another, so they share a memory pool."""
     for g in graphs.values():
         if g.captured:
             return g.graph.pool()
@@ -154,10 +171,11 @@ class StaticStep:
     """A forward whose inputs live in static buffers: run eagerly, or captured once as a CUDA graph and
     replayed (the buffers are refilled before each call, so every block reuses one capture)."""
 
-    def __init__(self, policy: CachePolicy, pool=None):
+    def __init__(self, policy: CachePolicy):
         self.ctx, self.model = policy.ctx, policy.model
         self.graph = torch.cuda.CUDAGraph() if self.ctx.positions.is_cuda else None
-        self.pool = pool
+        self.peers = policy._steps
+        self.warm = False
         self.captured = False
         self.logits: Optional[torch.Tensor] = None
 
@@ -167,44 +185,36 @@ class StaticStep:
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         if not use_cuda_graphs(x):
             return self._body()
+        if not self.warm:
+            # The first call runs eagerly and is the real step; it also warms up (compiles the fused
+            # kernels, initialises cuBLAS). Capturing executes nothing, so no step ever runs twice on
+            # the same state (dllm_cache's selection reads the V it then overwrites).
+            self.warm = True
+            return self._body()
         if not self.captured:
-            # Warm-up (also compiles the fused kernels) and capture write the same K/V the step itself
-            # writes from the same inputs: harmless.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._body()
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(self.graph, pool=self.pool):
+            # graphs of one generate() call replay one after another and each output is consumed
+            # before the next replay, so they share one memory pool
+            with torch.cuda.graph(self.graph, pool=_first_pool(self.peers)):
                 self.logits = self._body()
             self.captured = True
         self.graph.replay()
         return self.logits
 
 
-class FullStep(StaticStep):
-    """`full_forward` over the whole canvas, optionally storing every layer's K/V."""
+class CanvasStep(StaticStep):
+    """body(ids, out_index) over the whole canvas, with both inputs in static buffers."""
 
-    def __init__(self, policy: CachePolicy, store: Optional[list], pool=None):
-        super().__init__(policy, pool)
+    def __init__(self, policy: CachePolicy, body: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        super().__init__(policy)
         ctx = self.ctx
-        self.store = store
+        self.body = body
         self.ids = torch.zeros(ctx.batch, ctx.seq_len, dtype=torch.long, device=ctx.positions.device)
         self.oidx = torch.zeros(ctx.batch, ctx.block_length, dtype=torch.long, device=ctx.positions.device)
 
     def _body(self) -> torch.Tensor:
-        ctx, m, store = self.ctx, self.model, self.store
+        return self.body(self.ids, self.oidx)
 
-        def layer_fn(i, layer, h, cos, sin):
-            h, k, v = m.layer_full(layer, h, cos, sin, ctx.attn_mask)
-            if store is not None:
-                store[i][0].copy_(k)
-                store[i][1].copy_(v)
-            return h
-
-        return m(self.ids, ctx.positions, ctx.attn_mask, layer_fn=layer_fn, out_index=self.oidx)
-
-    def run(self, x: torch.Tensor, out_index: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out_index: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(x)
         self.oidx.copy_(out_index)
         return self._call(x)
@@ -214,8 +224,8 @@ class RangeStep(StaticStep):
     """`cached_range_forward` for a fixed query count n: the query range moves through static index
     buffers (index_copy_ into the K/V cache), so every block reuses it and it can be a CUDA graph."""
 
-    def __init__(self, policy: CachePolicy, n: int, kv: list, pool=None):
-        super().__init__(policy, pool)
+    def __init__(self, policy: CachePolicy, n: int, kv: list):
+        super().__init__(policy)
         ctx = self.ctx
         B, dev = ctx.batch, ctx.positions.device
         self.kv = kv

@@ -78,8 +78,13 @@ import torch
 
 from ..decoding.schedule import certainty_density
 from ..models.layers import attention_probs_mean
-from .base import CachePolicy, DecodeContext, StepInfo
+from .base import CachePolicy, DecodeContext, StaticStep, StepInfo
 from .registry import register
+
+
+QUANTUM = 32
+"""Slot counts are padded to a multiple of this: each count is one static step (a CUDA graph). The
+stats count real queries only (the method's FLOPs), as for rows padded to the batch's largest count."""
 
 
 def _is_int(v) -> bool:
@@ -200,6 +205,7 @@ class D2Cache(CachePolicy):
         self.importance = torch.zeros(B, L, dtype=torch.float32, device=dev)
         self.sel = torch.zeros(B, L, dtype=torch.bool, device=dev)  # queries of the next forward
         self.started = False  # False until the first (full) forward ran
+        self.quantum = QUANTUM
         H, D = cfg.n_heads, cfg.head_dim
         self.probs_per_pair = 2.0 * H * D + 5.0 * H
 
@@ -225,38 +231,24 @@ class D2Cache(CachePolicy):
         predicts[:, P - sh:P - sh + G] = x[:, P:] == ctx.mask_id
         predicts &= sel
         counts = torch.stack([sel.sum(1), predicts.sum(1)])
-        n, m = counts.max(1).values.clamp(min=1).tolist()
+        # Slot and head-row counts are rounded up to a multiple of QUANTUM (padding slots are inert),
+        # so a few static steps serve the whole generation.
+        q = self.quantum
+        n, m = (min(L, -(-c // q) * q) for c in counts.max(1).values.clamp(min=1).tolist())
         slots = torch.argsort((~sel).to(torch.uint8), dim=1, stable=True)[:, :n]  # selected, ascending
         valid = torch.arange(n, device=dev).unsqueeze(0) < counts[0].unsqueeze(1)
         rows = torch.arange(B, device=dev).unsqueeze(1)
-        dst = torch.where(valid, rows * L + slots, B * L).reshape(-1)
+        dst = torch.where(valid, rows * L + slots, B * L)
         pred_slot = predicts.gather(1, slots) & valid
         out = torch.argsort((~pred_slot).to(torch.uint8), dim=1, stable=True)[:, :m]
         out_valid = torch.arange(m, device=dev).unsqueeze(0) < counts[1].unsqueeze(1)
-
-        m_ = self.model
-        hd = m_.config.head_dim
-        mask = ctx.attn_mask
-        probs: list[torch.Tensor] = []
-
-        def layer_fn(i, layer, h, cos, sin):
-            q, k, v = layer.qkv(layer.attn_in(h))
-            q, k = m_.apply_rope(q, cos, sin), m_.apply_rope(k, cos, sin)
-            kf, vf = self.kv_flat[i]
-            kf.index_copy_(0, dst, k.reshape(B * n, -1))
-            vf.index_copy_(0, dst, v.reshape(B * n, -1))
-            K, V = self.kv[i]
-            h = h + layer.attn_proj(m_.attend(q, K, V, mask))
-            probs.append(attention_probs_mean(q, K, hd, mask))
-            return h + layer.ffn(h)
-
-        logits = m_(x.gather(1, slots), ctx.positions.gather(1, slots), mask, layer_fn=layer_fn, out_index=out)
+        weight = (weight_sel.gather(1, slots) & valid).float()
+        if ("slots", n, m) not in self._steps:
+            self._steps[("slots", n, m)] = _SlotStep(self, n, m)
+        logits, imp = self._steps[("slots", n, m)](x, slots, dst, out, weight)
 
         # rollout importance of this forward (read by end_step)
-        weight = (weight_sel.gather(1, slots) & valid).float()
-        imp = rollout_importance(probs, slots, weight, L)
         self.importance.copy_(torch.where(active.unsqueeze(1), imp, self.importance))
-        del probs
 
         # confidences of every computed masked position; block logits (zeros where not computed)
         g = slots.gather(1, out) + sh - P  # response index each head row predicts
@@ -272,7 +264,7 @@ class D2Cache(CachePolicy):
         # stats: real queries per layer over real keys, head rows computed, overhead
         n_real = weight.sum(1).double()
         keys = ctx.real_len.double()
-        nl = m_.config.n_layers
+        nl = self.model.config.n_layers
         extra = nl * (n_real * keys * self.probs_per_pair + 2.0 * n_real * keys + 3.0 * n_real)
         ctx.counters.forward(n_real, keys, head_rows=counts[1].double(), extra=extra)
         return blk[:, :BL]
@@ -294,3 +286,46 @@ class D2Cache(CachePolicy):
         sel = inflate(sel, self.inflate_w)
         sel = sel.repeat(ctx.batch // B, 1)
         self.sel.copy_(torch.where(ctx.counters.active.unsqueeze(1), sel, self.sel))
+
+
+class _SlotStep(StaticStep):
+    """The forward over n query slots, m of them through the head (and the rollout of the attention
+    rows) with every input in a static buffer: one per padded (n, m), a CUDA graph on GPUs."""
+
+    def __init__(self, policy: D2Cache, n: int, m: int):
+        super().__init__(policy)
+        ctx = self.ctx
+        B, L, dev = ctx.batch, ctx.seq_len, ctx.positions.device
+        self.p = policy
+        self.x = torch.zeros(B, L, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(B, n, dtype=torch.long, device=dev)
+        self.dst = torch.zeros(B, n, dtype=torch.long, device=dev)
+        self.out = torch.zeros(B, m, dtype=torch.long, device=dev)
+        self.weight = torch.zeros(B, n, dtype=torch.float32, device=dev)
+
+    def _body(self):
+        p, ctx, m = self.p, self.ctx, self.model
+        B, n = self.slots.shape
+        hd, mask = m.config.head_dim, ctx.attn_mask
+        dst = self.dst.reshape(-1)
+        probs: list[torch.Tensor] = []
+
+        def layer_fn(i, layer, h, cos, sin):
+            q, k, v = layer.qkv(layer.attn_in(h))
+            q, k = m.apply_rope(q, cos, sin), m.apply_rope(k, cos, sin)
+            kf, vf = p.kv_flat[i]
+            kf.index_copy_(0, dst, k.reshape(B * n, -1))
+            vf.index_copy_(0, dst, v.reshape(B * n, -1))
+            K, V = p.kv[i]
+            h = h + layer.attn_proj(m.attend(q, K, V, mask))
+            probs.append(attention_probs_mean(q, K, hd, mask))
+            return h + layer.ffn(h)
+
+        logits = m(self.x.gather(1, self.slots), ctx.positions.gather(1, self.slots), mask, layer_fn=layer_fn,
+                   out_index=self.out)
+        return logits, rollout_importance(probs, self.slots, self.weight, ctx.seq_len)
+
+    def __call__(self, x, slots, dst, out, weight):
+        for buf, v in ((self.x, x), (self.slots, slots), (self.dst, dst), (self.out, out), (self.weight, weight)):
+            buf.copy_(v)
+        return self._call(x)

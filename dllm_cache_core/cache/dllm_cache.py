@@ -122,14 +122,26 @@ class DLLMCache(CachePolicy):
         return out
 
     def _run(self, x, step: StepInfo, rows: Optional[torch.Tensor], flags: tuple[bool, bool]):
-        """One forward of the rows `rows` (None = all) that share refresh flags."""
-        ctx, m = self.ctx, self.model
+        """One forward of the rows `rows` (None = all) that share refresh flags. The whole batch's
+        forward is a static step per flags (a CUDA graph on GPUs: the selection is topk on the
+        device, the shapes depend only on the flags)."""
+        self._account(step, rows, flags)
+        out_index = self.out_index(step, 0)
+        if rows is None:
+            body = lambda ids, oidx: self._forward(_State.of(self, None), ids, oidx, flags)  # noqa: E731
+            return self.canvas_step(("dllm", flags), body)(x, out_index)
+        st = _State.of(self, rows)
+        logits = self._forward(st, x[rows], out_index[:rows.shape[0]], flags)
+        st.write_back(self, rows)
+        return logits
+
+    def _account(self, step: StepInfo, rows: Optional[torch.Tensor], flags: tuple[bool, bool]) -> None:
+        """Which case each layer takes is known on the host, so the FLOPs are accounted once per
+        forward (every recomputed query attends to all real keys)."""
+        ctx = self.ctx
         prompt_all, gen_all = flags
         adaptive = 0 < self.n_sel
-        st = _State.of(self, rows)
-        n_layers = m.config.n_layers
-        # Which case each layer takes is known on the host, so the FLOPs are accounted once per
-        # forward (every recomputed query attends to all real keys).
+        n_layers = self.model.config.n_layers
         full = n_layers if (prompt_all and gen_all) else 1
         gen_only = 0 if (prompt_all and gen_all) else (n_layers - 1 if gen_all else 0)
         partial = n_layers - full - gen_only
@@ -141,26 +153,26 @@ class DLLMCache(CachePolicy):
             torch.zeros_like(ctx.counters.active).index_fill_(0, rows, True)
         ctx.counters.forward(q_total * sel_rows, real, head_rows=(step.end - step.start), layers=1,
                              extra=extra * sel_rows.double(), rows=sel_rows)
-        B = st.positions.shape[0]
-        prompt_idx = torch.arange(self.P, device=x.device).expand(B, -1)
+
+    def _forward(self, st: "_State", ids: torch.Tensor, out_index: torch.Tensor, flags: tuple[bool, bool]):
+        prompt_all, gen_all = flags
+        adaptive = 0 < self.n_sel
+        B, L = ids.shape
+        prompt_idx = torch.arange(self.P, device=ids.device).expand(B, -1)
 
         def layer_fn(i, layer, h, cos, sin):
             rp, rg = prompt_all or i == 0, gen_all or i == 0
             if rp and rg:
                 return self._layer(st, i, layer, h, cos, sin, None, None)
             if rg:  # response refreshed, prompt from cache
-                gen_idx = torch.arange(self.P, ctx.seq_len, device=h.device).expand(B, -1)
+                gen_idx = torch.arange(self.P, L, device=h.device).expand(B, -1)
                 return self._layer(st, i, layer, h, cos, sin, gen_idx, None)
             v_gen, sel = self._select(st, i, layer, h) if adaptive else (None, None)
             parts = ([prompt_idx] if rp else []) + ([sel] if adaptive else [])
             q_idx = torch.cat(parts, 1) if parts else prompt_idx[:, :0]
             return self._layer(st, i, layer, h, cos, sin, q_idx, v_gen)
 
-        xs = x if rows is None else x[rows]
-        out_index = self.out_index(step, 0)[:B]
-        logits = m(xs, st.positions, st.mask, layer_fn=layer_fn, out_index=out_index)
-        st.write_back(self, rows)
-        return logits
+        return self.model(ids, st.positions, st.mask, layer_fn=layer_fn, out_index=out_index)
 
 
 class _State:
