@@ -301,7 +301,8 @@ class Bench:
         self.weights_gb = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1e9
         self.instr = Instrument(self.model)
         self.roof = Roofline(self.device)
-        self.done = {self.key_of(r) for f in ([a.out] + a.skip_from) for r in read_jsonl(f)} if a.skip_existing else set()
+        self.done = {self.key_of(r) for f in ([a.out] + a.skip_from) for r in read_jsonl(f)
+                     if "error" not in r} if a.skip_existing else set()
         self.nfe_seen: dict = {}
         print(f"loaded {a.ckpt} in {self.load_s:.1f}s, weights {self.weights_gb:.2f} GB; policies "
               f"{policy_names()}; block hook {self.instr.hooked_blocks}", flush=True)

@@ -275,3 +275,59 @@ def test_default_policies_are_approximations_that_run(fam):
             assert len(o.token_ids) == 32 and model.config.mask_id not in o.token_ids, policy
             assert o.stats.token_layers_computed <= r.stats.token_layers_computed, policy
             assert torch.isfinite(torch.tensor(o.stats.flops)) and o.stats.flops > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Static steps (CUDA graphs on GPUs): lifetime and the eager fallback
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["none", "prefix", "dual", "dllm_cache", "d2cache"])
+def test_static_steps_are_freed_without_the_garbage_collector(policy, monkeypatch):
+    """A generate() call's steps (on GPUs: graphs and their memory pool) are freed when it returns,
+    by reference counting: left to the cyclic collector, an old graph could be destroyed while a new
+    one is being captured, which CUDA forbids."""
+    import gc
+    import weakref
+
+    from dllm_cache_core.cache import base
+
+    refs = []
+    init = base.StaticStep.__init__
+
+    def tracking_init(self, *a, **k):
+        init(self, *a, **k)
+        refs.append(weakref.ref(self))
+
+    monkeypatch.setattr(base.StaticStep, "__init__", tracking_init)
+    model = decode_model("llada")[0]
+    gc.disable()
+    try:
+        generate(model, [PROMPTS[0]], GenerationConfig(gen_length=32, block_length=16, steps=16,
+                                                       stop_at_eos=False), CacheConfig(policy))
+        assert refs, "the policy made no static steps"
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+
+
+def test_failed_capture_falls_back_to_eager(monkeypatch):
+    """If capturing a step fails (say, no memory left for its graph), it warns and runs eagerly:
+    same tokens as the eager run."""
+    import contextlib
+
+    from dllm_cache_core.cache import base
+
+    model = decode_model("llada")[0]
+    gen = GenerationConfig(gen_length=32, block_length=16, steps=16, stop_at_eos=False)
+    want = generate(model, PROMPTS[:2], gen, CacheConfig("dual"))
+
+    @contextlib.contextmanager
+    def failing_graph(*a, **k):
+        raise torch.OutOfMemoryError("no memory for the graph pool")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(base, "use_cuda_graphs", lambda x: True)
+    monkeypatch.setattr(torch.cuda, "graph", failing_graph)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with pytest.warns(RuntimeWarning, match="no memory for the graph pool"):
+        got = generate(model, PROMPTS[:2], gen, CacheConfig("dual"))
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]

@@ -6,7 +6,9 @@ policies drive it through ``model.forward(..., layer_fn=...)`` and the layer API
 """
 from __future__ import annotations
 
+import gc
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
@@ -126,6 +128,11 @@ class CachePolicy:
             self._steps[key] = CanvasStep(self, body)
         return self._steps[key]
 
+    def release(self) -> None:
+        """Drop this call's static steps (CUDA graphs and their pool) now, at a safe point: they
+        reference the policy, so without this only the cyclic garbage collector would free them."""
+        self.__dict__.pop("_static_steps", {}).clear()
+
     @property
     def _steps(self) -> dict:
         """The static steps of this generate() call (one per shape and buffer set), sharing a graph pool."""
@@ -177,13 +184,14 @@ class StaticStep:
         self.peers = policy._steps
         self.warm = False
         self.captured = False
+        self.eager_only = False
         self.logits: Optional[torch.Tensor] = None
 
     def _body(self) -> torch.Tensor:
         raise NotImplementedError
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
-        if not use_cuda_graphs(x):
+        if not use_cuda_graphs(x) or self.eager_only:
             return self._body()
         if not self.warm:
             # The first call runs eagerly and is the real step; it also warms up (compiles the fused
@@ -191,14 +199,32 @@ class StaticStep:
             # the same state (dllm_cache's selection reads the V it then overwrites).
             self.warm = True
             return self._body()
-        if not self.captured:
+        if not self.captured and not self._capture():
+            return self._body()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self) -> bool:
+        """Capture the step; on failure (e.g. out of memory for the graph's pool) warn and run this
+        step eagerly from then on. The garbage collector is off meanwhile: a collected graph of an
+        earlier call would be destroyed mid-capture, which CUDA forbids."""
+        gc_on = gc.isenabled()
+        gc.disable()
+        try:
             # graphs of one generate() call replay one after another and each output is consumed
             # before the next replay, so they share one memory pool
             with torch.cuda.graph(self.graph, pool=_first_pool(self.peers)):
                 self.logits = self._body()
             self.captured = True
-        self.graph.replay()
-        return self.logits
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"CUDA-graph capture of {type(self).__name__} failed, running it eagerly: "
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", RuntimeWarning, stacklevel=3)
+            self.eager_only, self.graph, self.logits = True, None, None
+            torch.cuda.empty_cache()
+        finally:
+            if gc_on:
+                gc.enable()
+        return self.captured
 
 
 class CanvasStep(StaticStep):

@@ -212,10 +212,13 @@ class _Decoder:
             raise ValueError(f"steps={g.total_steps}: Dream with {g.num_blocks} blocks needs at least 2 steps per "
                              "block (the first forward of a block commits only its first position)")
         t0 = time.perf_counter()
-        for b in range(g.num_blocks):
-            if g.stop_at_eos and bool(self.stopped.all()):
-                break
-            self.run_block(b)
+        try:
+            for b in range(g.num_blocks):
+                if g.stop_at_eos and bool(self.stopped.all()):
+                    break
+                self.run_block(b)
+        finally:
+            self.policy.release()
         if self.x.is_cuda:
             torch.cuda.synchronize(self.x.device)
         wall = time.perf_counter() - t0
