@@ -127,13 +127,13 @@ def main(argv=None) -> None:
         L += [Path(a.notes).read_text().strip(), ""]
     L += ["## Engine table", ""]
     hdr = ("| shape | case | policy | thr | batch | P+G | steps | tokens/s | timing | ms/call (first/later) | gap ms | "
-           "nfe | peak GB | roofline | ref tok/s | x ref | reference |")
+           "nfe | peak GB | roofline | ref tok/s | x ref | reference | engine |")
     L += [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for r in rows:
         if "error" in r:
             L.append(f"| {r['model_shape']} | {r.get('case')} | {r['policy']} | {fmt(r['threshold'])} | {r['batch']} | "
                      f"{r['prompt_len']}+{r['gen_len']} | {r.get('steps')} | error: {r['error']} "
-                     f"{(r.get('error_msg') or '')[:80]} |||||||||")
+                     f"{(r.get('error_msg') or '')[:80]} |||||||||| {r.get('engine_src_sha')} |")
             continue
         L.append(
             f"| {r['model_shape']} | {r.get('case')} | {r['policy']} | {fmt(r['threshold'])} | {r['batch']} | "
@@ -141,8 +141,10 @@ def main(argv=None) -> None:
             f"{fmt(r['ms_per_call'], 2)} ({fmt(r.get('ms_first_call'), 2)}/{fmt(r.get('ms_later_calls'), 2)}) | "
             f"{fmt(r.get('host_gap_ms_per_call'), 2)} | {r['nfe']}{'*' if r.get('nfe_estimated') else ''} | "
             f"{fmt(r['peak_mem_gb'])} | {fmt(r['roofline_ratio'], 3)} | {fmt(r['reference_tokens_per_s'])} | "
-            f"{fmt(r.get('speedup_vs_reference'), 2)} | {r.get('reference') or '–'} |")
-    L += ["", "`*` nfe estimated from the timed window (calls per block x blocks).", ""]
+            f"{fmt(r.get('speedup_vs_reference'), 2)} | {r.get('reference') or '–'} | {r.get('engine_src_sha')} |")
+    L += ["", "`*` nfe estimated from the timed window (calls per block x blocks). `engine`: hash of the engine "
+          "source the row was measured with (newest row per configuration; the notes above say which run each "
+          "hash is).", ""]
     if refs:
         L += ["## References (same checkpoint and prompts)", "",
               "| shape | reference | batch | thr | tokens/s | timed blocks | nfe in window | wall s | source |",

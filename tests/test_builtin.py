@@ -4,8 +4,8 @@ with vanilla decoding (policy none, greedy, one token per step).
 The instances are fixed (index into the deterministic held-out sets) and are ones the shipped model
 solves; they pin the model + tokenizer + decoder behaviour, so a broken export, template or decoding
 path fails here. They are not an accuracy estimate: accuracy is measured on random held-out samples
-by benchmarks/quality_tiny.py and in builtin/tiny/TRAINING.md (there the weaker tasks score far
-below these instances).
+by benchmarks/quality_tiny.py and in builtin/tiny/TRAINING.md (kv_retrieval, the weak task, solves
+8 of the 60 instances its indices here are drawn from).
 """
 from __future__ import annotations
 
@@ -23,12 +23,12 @@ FOLDER = Path(__file__).resolve().parent.parent / "dllm_cache_core" / "builtin" 
 # task -> (eval_set size, seed, indices): instances the shipped model answers exactly
 # (answers of the gen-64 group fit the first block of 32, so CPU decoding stops after 32 steps)
 FIXED = {
-    "addition": (12, 1, [1]),
-    "multiplication": (12, 1, [4]),
-    "sort": (12, 1, [7]),
-    "reverse": (12, 1, [5]),
-    "json": (12, 1, [2]),
-    "kv_retrieval": (60, 1, [23, 38]),
+    "addition": (12, 1, [1, 5, 9]),
+    "multiplication": (12, 1, [1, 4, 8]),
+    "sort": (12, 1, [2, 7, 10]),
+    "reverse": (12, 1, [0, 5, 11]),
+    "json": (12, 1, [2, 6, 10]),
+    "kv_retrieval": (60, 1, [5, 23]),
 }
 
 
@@ -48,7 +48,7 @@ def test_files_and_size():
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "TRAINING.md", "train_log.jsonl"):
         assert (FOLDER / f).exists(), f
     last = json.loads((FOLDER / "train_log.jsonl").read_text().splitlines()[-1])
-    assert last["step"] == 8021
+    assert last["step"] == 18421
 
 
 def test_loads_on_cpu_in_seconds(tiny):
