@@ -178,6 +178,10 @@ def to_markdown(rep: dict[str, Any], name: str = "") -> str:
               f"| {rep['rows']} | {rep['ok_rows']} | {rep['error_rows']} | {rep['generated_tokens']} | "
               f"{_fmt(run.get('wall_s'))} | {_fmt(run.get('rows_per_s'))} | {_fmt(run.get('tokens_per_s'))} | "
               f"{_fmt(run.get('overhead'))} |", ""]
+    if run.get("steady_wall_s") is not None:
+        lines += [f"Start-up: preflight model load {_fmt(run.get('preflight_s'))} s, actor pool ready after "
+                  f"{_fmt(run.get('pool_ready_s'))} s of the wall time; after start-up {_fmt(run.get('steady_wall_s'))} s, "
+                  f"pipeline overhead {_fmt(run.get('steady_overhead'))}.", ""]
     lines += ["## Per-row stats", "", "| stat | mean | p50 | p90 | min | max |", "|---|---|---|---|---|---|"]
     for k, s in rep["stats"].items():
         if s:

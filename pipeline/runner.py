@@ -23,6 +23,7 @@ from .actor import ActorConfig, GenerationActor, build_engine
 from .io import InputError, InputScan, ReadPlan, list_input, plan_reads, read_dataset, scan_input
 from .schema import output_schema
 from .spec import JobSpec
+from .timeline import ActorTimeline, TimedFactory, pool_ready_s, timeline_snapshot
 
 
 class JobError(RuntimeError):
@@ -44,6 +45,27 @@ class RunResult:
     workers: list[str] = field(default_factory=list)
     """host:pid of every actor process that finished a batch (a restarted actor adds one)."""
     report: dict[str, str] = field(default_factory=dict)
+    started_at_unix: float = 0.0
+    """time.time() when run() began (after Ray was up): a caller's own clock gives the cluster start."""
+    preflight_s: float = 0.0
+    """The preflight model load (one Ray task), before the pipeline starts."""
+    pool_ready_s: float = 0.0
+    """Part of wall_s from the pipeline's start until the pool's last actor had its model loaded: Ray Data
+    (wait_for_min_actors_s) hands out no batch before that, so it is start-up, not pipeline overhead."""
+    actors: list[dict] = field(default_factory=list)
+    """Per actor process (ActorTimeline): model-load interval, rows, engine calls and seconds, first/last call, spans."""
+
+    @property
+    def steady_wall_s(self) -> float:
+        """Wall time after start-up (every actor loaded) until the last part was written."""
+        return max(0.0, self.wall_s - self.pool_ready_s)
+
+    @property
+    def steady_overhead(self) -> Optional[float]:
+        """1 - summed engine time / (wall time after start-up x actors): overhead without the model loads."""
+        if not self.steady_wall_s or not self.num_actors:
+            return None
+        return 1.0 - self.engine_s / (self.steady_wall_s * self.num_actors)
 
     @property
     def rows_per_s(self) -> float:
@@ -62,7 +84,8 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(rows_per_s=self.rows_per_s, tokens_per_s=self.tokens_per_s, overhead=self.overhead)
+        d.update(rows_per_s=self.rows_per_s, tokens_per_s=self.tokens_per_s, overhead=self.overhead,
+                 steady_wall_s=self.steady_wall_s, steady_overhead=self.steady_overhead)
         return d
 
 
@@ -233,6 +256,8 @@ def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO) -> t
     ctx.enable_progress_bars = False  # ours below says more (tokens/s, errors, ETA)
     ctx.wait_for_min_actors_s = 600
     tracker = ray.remote(num_cpus=0)(ProgressTracker).remote()
+    timeline = ray.remote(num_cpus=0)(ActorTimeline).remote()
+    cfg_args = {**cfg_args, "engine_factory": TimedFactory(cfg_args.get("engine_factory"), timeline)}
     cfg = actor_config(spec, progress=tracker, **cfg_args)
     c = spec.compute
     out_schema = cfg.schema
@@ -261,19 +286,24 @@ def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO) -> t
         wall = time.time() - t0
         snap = monitor.stop()
         ray.kill(tracker)
-    return wall, asdict(snap)
+        actors = timeline_snapshot(timeline)
+        ray.kill(timeline)
+    return wall, {**asdict(snap), "actors": actors, "pool_ready_s": pool_ready_s(actors, t0, c.num_actors)}
 
 
 def run(spec: JobSpec, retry_errors: bool = False, stream: TextIO = sys.stderr, engine_factory=None) -> RunResult:
     """Run the job on the connected Ray cluster. Raises JobError when it cannot run or complete."""
     out = spec.output.path
+    timing = {"started_at_unix": time.time()}
     job, parts = existing_output(spec)
     _refuse_existing(spec, job, parts)  # refusals only; nothing is deleted before every check passed
     overwrite = spec.output.on_existing == "overwrite"
     input_scan = scan(spec)
     check_cluster(spec, stream)
     schema = output_schema(input_scan.schema)
+    t_pre = time.time()
     pre = preflight(spec, actor_config(spec, schema, engine_factory=engine_factory))
+    timing["preflight_s"] = time.time() - t_pre
     components = manifest.fingerprint_components(spec, pre["model_hash"])
     fp = manifest.fingerprint(components)
     if overwrite:
@@ -298,11 +328,11 @@ def run(spec: JobSpec, retry_errors: bool = False, stream: TextIO = sys.stderr, 
             record.update(status="failed", finished_at=manifest.now(), error=str(e))
             manifest.write_job(out, record)
             raise
-    return finalize(spec, plan, schema, record, wall, snap, stream)
+    return finalize(spec, plan, schema, record, wall, snap, stream, timing)
 
 
 def finalize(spec: JobSpec, plan: ReadPlan, schema: pa.Schema, record: dict, wall: float, snap: dict,
-             stream: TextIO) -> RunResult:
+             stream: TextIO, timing: Optional[dict] = None) -> RunResult:
     """Repair duplicates, check every selected id is there exactly once, write _SUCCESS and the report."""
     from .report import write_report
 
@@ -316,7 +346,9 @@ def finalize(spec: JobSpec, plan: ReadPlan, schema: pa.Schema, record: dict, wal
     missing = int(pc.sum(pc.invert(pc.is_in(plan.selected_ids, value_set=have))).as_py() or 0)
     result = RunResult(out, "complete", plan.total_rows, plan.todo_rows, plan.total_rows - plan.todo_rows,
                        wall_s=wall, engine_s=snap.get("engine_s", 0.0), num_actors=spec.compute.num_actors,
-                       generated_tokens=snap.get("tokens", 0), workers=list(snap.get("workers", [])))
+                       generated_tokens=snap.get("tokens", 0), workers=list(snap.get("workers", [])),
+                       pool_ready_s=snap.get("pool_ready_s", 0.0), actors=list(snap.get("actors", [])),
+                       **(timing or {}))
     if t is not None:
         sel = t.filter(pc.is_in(have, value_set=plan.selected_ids))
         for vc in pc.value_counts(sel.column("error_type").drop_null()).to_pylist():

@@ -101,6 +101,26 @@ def test_job_end_to_end_with_audit_evaluation_and_report(dual_run):
     assert pq.read_table(str(out)).num_rows == 12
 
 
+
+def test_job_timeline_separates_start_up_from_steady_state(dual_run):
+    """Per-actor timing (pipeline/timeline.py): each actor's model load and engine calls, the pool's
+    ready time inside the wall time, and the overhead after start-up that scaling runs report."""
+    spec, res, _ = dual_run
+    assert len(res.actors) == spec.compute.num_actors
+    a = res.actors[0]
+    audited = sum(r["audit_token_agreement"] is not None
+                  for r in output.read_output(*fsx.resolve(spec.output.path)).to_pylist())
+    assert a["rows"] == 12 + audited  # audited rows run twice (job policy, then `none`)
+    assert a["calls"] >= 2 and a["load_end"] >= a["load_start"] > 0
+    assert a["engine_s"] == pytest.approx(res.engine_s, rel=0.05)  # the tracker and the timeline agree
+    assert len(a["spans"]) == a["calls"] and sum(r for _, _, r in a["spans"]) == a["rows"]
+    assert res.preflight_s > 0 and res.started_at_unix > 0
+    assert 0 < res.pool_ready_s < res.wall_s and res.steady_wall_s == pytest.approx(res.wall_s - res.pool_ready_s)
+    assert res.steady_overhead is not None and res.steady_overhead < res.overhead  # start-up no longer counted
+    rep = json.loads((Path(spec.output.path) / "_report" / "report.json").read_text())
+    assert rep["run"]["steady_overhead"] == pytest.approx(res.steady_overhead)
+
+
 def test_bad_rows_become_error_rows_and_the_job_completes(ray_local, tiny, tmp_path):
     rows = [{"id": "ok1", "prompt": "a fine prompt"}, {"id": "empty", "prompt": ""}, {"id": "none", "prompt": None},
             {"id": "int", "prompt": 42}, {"id": "long", "prompt": "y" * 3000},
