@@ -132,14 +132,18 @@ class Instrument:
             self.end = stamp()
         self.armed = False
 
+    def _abort_at(self, limit: Optional[int], count: int, reason: str) -> None:
+        """End the timed window (Abort unwinds generate()) once `count` reached `limit`."""
+        if limit is not None and count >= limit:
+            self.end = stamp()
+            self.stop_reason = reason
+            self.armed = False
+            raise Abort()
+
     def _block(self):
         if not self.armed:
             return
-        if self.max_blocks is not None and self.blocks >= self.max_blocks:
-            self.end = stamp()
-            self.stop_reason = "blocks"
-            self.armed = False
-            raise Abort()
+        self._abort_at(self.max_blocks, self.blocks, "blocks")
         self.block_start.append(stamp())
         self.block_first_call.append(self.calls)
         self.blocks += 1
@@ -147,11 +151,7 @@ class Instrument:
     def _pre(self):
         if not self.armed:
             return
-        if self.max_calls is not None and self.calls >= self.max_calls:
-            self.end = stamp()
-            self.stop_reason = "calls"
-            self.armed = False
-            raise Abort()
+        self._abort_at(self.max_calls, self.calls, "calls")
         if self.on_call is not None:
             self.on_call(self.calls)
         self.call_start.append(stamp())

@@ -151,12 +151,17 @@ def prompt_length(p: Any) -> int:
 class GenerationActor:
     def __init__(self, config: ActorConfig):
         self.cfg = config
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
         factory = config.engine_factory or build_engine
+        t_load = time.time()
         try:
             self.engine = factory(config)
         except Exception as e:  # noqa: BLE001  (re-raised with the context the user needs)
             raise RuntimeError(f"model {config.model_label!r} failed to load on {socket.gethostname()}: "
                                f"{type(e).__name__}: {e}") from e
+        if config.progress is not None:
+            config.progress.loaded.remote(self.worker, t_load, time.time())
+        self._spans: list[tuple[float, float, int]] = []
         self._reference: Any = None
         scorer = config.evaluation
         self.scorer = get_scorer(scorer["scorer"], scorer.get("pattern")) if scorer else None
@@ -164,11 +169,13 @@ class GenerationActor:
 
     # -- engine calls -------------------------------------------------------------------------
     def _generate(self, engine: Any, prompts: Sequence[Any], ids: Sequence[str]) -> list[RowResult]:
-        t0 = time.perf_counter()
+        t0, start = time.perf_counter(), time.time()
         try:
             outs = engine.generate(list(prompts), row_ids=list(ids), chat_template=self.cfg.chat_template)
         finally:
-            self.engine_s += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.engine_s += dt
+            self._spans.append((start, start + dt, len(prompts)))
         if len(outs) != len(prompts):
             raise RuntimeError(f"engine returned {len(outs)} outputs for {len(prompts)} prompts")
         return [RowResult.of(o) for o in outs]
@@ -266,6 +273,7 @@ class GenerationActor:
         return conform(pa.table(arrays), cfg.schema)
 
     def _report(self, results: list[RowResult], engine_s: float) -> None:
+        spans, self._spans = self._spans, []
         if self.cfg.progress is None:
             return
         errors: dict[str, int] = {}
@@ -274,7 +282,7 @@ class GenerationActor:
                 errors[r.error_type] = errors.get(r.error_type, 0) + 1
         tokens = sum((r.stats or {}).get("num_generated_tokens", 0) or 0 for r in results if r.error_type is None)
         self.cfg.progress.report.remote(rows=len(results), tokens=int(tokens), errors=errors, engine_s=engine_s,
-                                        worker=f"{socket.gethostname()}:{os.getpid()}")
+                                        worker=self.worker, spans=spans)
 
 
 def _free_cuda() -> None:

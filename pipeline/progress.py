@@ -3,7 +3,8 @@ rows done, rows/s, generated tokens/s, errors and ETA (a tqdm bar on a terminal,
 `compute.progress_interval_s` seconds otherwise, as in `ray job logs`).
 
 The tracker also sums the engine time of all actors, from which the run's pipeline overhead is
-computed: 1 - engine seconds / (wall seconds x actors).
+computed: 1 - engine seconds / (wall seconds x actors), and keeps each actor's model-load interval
+and engine calls (start-up and balance; the pool's ready time separates start-up from steady state).
 """
 from __future__ import annotations
 
@@ -11,30 +12,58 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 
 class ProgressTracker:
-    """Counters shared by all actors (run as a Ray actor with num_cpus=0)."""
+    """Counters shared by all actors (run as a Ray actor with num_cpus=0), summed and per actor process:
+    start-up (model loads) and load balance need the per-actor view."""
+
+    MAX_SPANS = 256
+    """Engine-call spans (start, end, rows) kept per actor, the first ones: a timeline for benchmark-sized jobs."""
 
     def __init__(self) -> None:
         self.rows = 0
         self.tokens = 0
         self.errors: dict[str, int] = {}
         self.engine_s = 0.0
-        self.workers: set[str] = set()
+        self.actors: dict[str, dict[str, Any]] = {}
 
-    def report(self, rows: int, tokens: int, errors: dict[str, int], engine_s: float, worker: str) -> None:
+    def _actor(self, worker: str) -> dict[str, Any]:
+        return self.actors.setdefault(worker, {"worker": worker, "load_start": None, "load_end": None,
+                                               "batches": 0, "rows": 0, "calls": 0, "engine_s": 0.0,
+                                               "first_call_start": None, "last_call_end": None, "spans": []})
+
+    def loaded(self, worker: str, start: float, end: float) -> None:
+        self._actor(worker).update(load_start=start, load_end=end)
+
+    def report(self, rows: int, tokens: int, errors: dict[str, int], engine_s: float, worker: str,
+               spans: Sequence[tuple[float, float, int]] = ()) -> None:
+        """One finished batch; spans = its engine calls (start, end, prompts), wall-clock times."""
         self.rows += rows
         self.tokens += tokens
         self.engine_s += engine_s
-        self.workers.add(worker)
         for k, v in errors.items():
             self.errors[k] = self.errors.get(k, 0) + v
+        a = self._actor(worker)
+        a["batches"] += 1
+        a["engine_s"] += engine_s
+        for start, end, n in spans:
+            a["rows"] += n
+            a["calls"] += 1
+            a["last_call_end"] = end
+            if a["first_call_start"] is None:
+                a["first_call_start"] = start
+            if len(a["spans"]) < self.MAX_SPANS:
+                a["spans"].append((round(start, 4), round(end, 4), n))
 
-    def snapshot(self) -> dict[str, Any]:
-        return {"rows": self.rows, "tokens": self.tokens, "errors": dict(self.errors),
-                "engine_s": self.engine_s, "workers": sorted(self.workers)}
+    def snapshot(self, actors: bool = False) -> dict[str, Any]:
+        """Totals (polled every second); with actors=True also the per-actor entries (at the end)."""
+        snap = {"rows": self.rows, "tokens": self.tokens, "errors": dict(self.errors), "engine_s": self.engine_s,
+                "workers": sorted(w for w, a in self.actors.items() if a["batches"])}
+        if actors:
+            snap["actors"] = [dict(a) for _, a in sorted(self.actors.items())]
+        return snap
 
 
 @dataclass
@@ -44,6 +73,13 @@ class Snapshot:
     errors: dict[str, int] = field(default_factory=dict)
     engine_s: float = 0.0
     workers: list[str] = field(default_factory=list)
+    actors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def pool_ready_s(actors: list[dict], t0: float, num_actors: int) -> float:
+    """Seconds from t0 until the first num_actors model loads had finished (replacements come later)."""
+    ends = sorted(a["load_end"] for a in actors if a.get("load_end") is not None)
+    return max(0.0, ends[min(num_actors, len(ends)) - 1] - t0) if ends else 0.0
 
 
 def format_line(snap: Snapshot, total: int, elapsed: float) -> str:
@@ -68,11 +104,14 @@ def format_duration(s: Optional[float]) -> str:
 
 
 class ProgressMonitor:
-    """Polls `fetch()` in a background thread while the job runs; `stop()` returns the last snapshot."""
+    """Polls `fetch()` in a background thread while the job runs; `stop()` returns the last snapshot,
+    taken with `final_fetch` when given (a fuller snapshot, fetched once at the end)."""
 
     def __init__(self, fetch: Callable[[], dict], total: int, interval_s: float = 10.0,
-                 stream=None, tty: Optional[bool] = None, poll_s: float = 1.0):
+                 stream=None, tty: Optional[bool] = None, poll_s: float = 1.0,
+                 final_fetch: Optional[Callable[[], dict]] = None):
         self.fetch, self.total, self.interval_s, self.poll_s = fetch, total, interval_s, poll_s
+        self.final_fetch = final_fetch
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.start = time.time()
@@ -115,6 +154,7 @@ class ProgressMonitor:
             self._stop.set()
             if self._thread.is_alive():
                 self._thread.join(timeout=5)
+            self.fetch = self.final_fetch or self.fetch
             self._poll()
             if self._bar is not None:
                 self._bar.n = min(self.last.rows, self.total)

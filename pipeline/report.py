@@ -115,15 +115,21 @@ def _no_data(ax, what: str) -> None:
     ax.set_yticks([])
 
 
+def _hist(values: list, title: str, xlabel: str, empty: str, bins: int = 30, **kw: Any) -> bytes:
+    """A histogram of the non-null values as PNG ("no <empty>" when there are none)."""
+    plt, fig, ax = _figure()
+    v = [x for x in values if x is not None]
+    ax.hist(v, bins=bins, **kw) if v else _no_data(ax, empty)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    return _png(plt, fig)
+
+
 def make_plots(table: pa.Table) -> dict[str, bytes]:
     col = lambda name: table.column(name).to_pylist() if name in table.column_names else []  # noqa: E731
     out = {}
-    plt, fig, ax = _figure()
-    v = [x for x in col("flops_speedup") if x is not None]
-    ax.hist(v, bins=30) if v else _no_data(ax, "speedups (all rows errored)")
-    ax.set_title("FLOPs speedup of the cache policy (per row)")
-    ax.set_xlabel("flops_vanilla / flops")
-    out["flops_speedup_hist"] = _png(plt, fig)
+    out["flops_speedup_hist"] = _hist(col("flops_speedup"), "FLOPs speedup of the cache policy (per row)",
+                                      "flops_vanilla / flops", "speedups (all rows errored)")
 
     plt, fig, ax = _figure()
     pts = [(p, s) for p, s in zip(col("num_prompt_tokens"), col("flops_speedup")) if p is not None and s is not None]
@@ -136,12 +142,7 @@ def make_plots(table: pa.Table) -> dict[str, bytes]:
     ax.set_ylabel("flops_speedup")
     out["speedup_vs_prompt_len"] = _png(plt, fig)
 
-    plt, fig, ax = _figure()
-    v = [x for x in col("latency_s") if x is not None]
-    ax.hist(v, bins=30) if v else _no_data(ax, "latencies")
-    ax.set_title("Per-row latency")
-    ax.set_xlabel("latency_s")
-    out["latency_hist"] = _png(plt, fig)
+    out["latency_hist"] = _hist(col("latency_s"), "Per-row latency", "latency_s", "latencies")
 
     plt, fig, ax = _figure()
     errs = _counts(col("error_type"))
@@ -152,12 +153,8 @@ def make_plots(table: pa.Table) -> dict[str, bytes]:
     ax.set_title("Error rows by kind")
     out["errors_by_kind"] = _png(plt, fig)
 
-    plt, fig, ax = _figure()
-    v = [x for x in col("audit_token_agreement") if x is not None]
-    ax.hist(v, bins=20, range=(0, 1)) if v else _no_data(ax, "audited rows")
-    ax.set_title("Audit: token agreement with policy none")
-    ax.set_xlabel("token agreement")
-    out["audit_agreement"] = _png(plt, fig)
+    out["audit_agreement"] = _hist(col("audit_token_agreement"), "Audit: token agreement with policy none",
+                                   "token agreement", "audited rows", bins=20, range=(0, 1))
     return out
 
 

@@ -23,7 +23,6 @@ from .actor import ActorConfig, GenerationActor, build_engine
 from .io import InputError, InputScan, ReadPlan, list_input, plan_reads, read_dataset, scan_input
 from .schema import output_schema
 from .spec import JobSpec
-from .timeline import ActorTimeline, TimedFactory, pool_ready_s, timeline_snapshot
 
 
 class JobError(RuntimeError):
@@ -53,7 +52,7 @@ class RunResult:
     """Part of wall_s from the pipeline's start until the pool's last actor had its model loaded: Ray Data
     (wait_for_min_actors_s) hands out no batch before that, so it is start-up, not pipeline overhead."""
     actors: list[dict] = field(default_factory=list)
-    """Per actor process (ActorTimeline): model-load interval, rows, engine calls and seconds, first/last call, spans."""
+    """Per actor process (ProgressTracker): model-load interval, rows, engine calls and seconds, first/last call, spans."""
 
     @property
     def steady_wall_s(self) -> float:
@@ -250,14 +249,12 @@ def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO) -> t
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    from .progress import ProgressMonitor, ProgressTracker
+    from .progress import ProgressMonitor, ProgressTracker, pool_ready_s
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # ours below says more (tokens/s, errors, ETA)
     ctx.wait_for_min_actors_s = 600
     tracker = ray.remote(num_cpus=0)(ProgressTracker).remote()
-    timeline = ray.remote(num_cpus=0)(ActorTimeline).remote()
-    cfg_args = {**cfg_args, "engine_factory": TimedFactory(cfg_args.get("engine_factory"), timeline)}
     cfg = actor_config(spec, progress=tracker, **cfg_args)
     c = spec.compute
     out_schema = cfg.schema
@@ -275,7 +272,8 @@ def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO) -> t
     sink = output.make_datasink(spec.output.path, out_schema, spec.input.id_column, spec.output.min_rows_per_file)
     t0 = time.time()
     monitor = ProgressMonitor(lambda: ray.get(tracker.snapshot.remote(), timeout=10), plan.todo_rows,
-                              interval_s=c.progress_interval_s, stream=stream)
+                              interval_s=c.progress_interval_s, stream=stream,
+                              final_fetch=lambda: ray.get(tracker.snapshot.remote(actors=True), timeout=10))
     try:
         with monitor:
             ds.write_datasink(sink)
@@ -286,9 +284,7 @@ def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO) -> t
         wall = time.time() - t0
         snap = monitor.stop()
         ray.kill(tracker)
-        actors = timeline_snapshot(timeline)
-        ray.kill(timeline)
-    return wall, {**asdict(snap), "actors": actors, "pool_ready_s": pool_ready_s(actors, t0, c.num_actors)}
+    return wall, {**asdict(snap), "pool_ready_s": pool_ready_s(snap.actors, t0, c.num_actors)}
 
 
 def run(spec: JobSpec, retry_errors: bool = False, stream: TextIO = sys.stderr, engine_factory=None) -> RunResult:

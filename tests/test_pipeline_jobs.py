@@ -103,7 +103,7 @@ def test_job_end_to_end_with_audit_evaluation_and_report(dual_run):
 
 
 def test_job_timeline_separates_start_up_from_steady_state(dual_run):
-    """Per-actor timing (pipeline/timeline.py): each actor's model load and engine calls, the pool's
+    """Per-actor timing (the progress tracker): each actor's model load and engine calls, the pool's
     ready time inside the wall time, and the overhead after start-up that scaling runs report."""
     spec, res, _ = dual_run
     assert len(res.actors) == spec.compute.num_actors
@@ -112,7 +112,7 @@ def test_job_timeline_separates_start_up_from_steady_state(dual_run):
                   for r in output.read_output(*fsx.resolve(spec.output.path)).to_pylist())
     assert a["rows"] == 12 + audited  # audited rows run twice (job policy, then `none`)
     assert a["calls"] >= 2 and a["load_end"] >= a["load_start"] > 0
-    assert a["engine_s"] == pytest.approx(res.engine_s, rel=0.05)  # the tracker and the timeline agree
+    assert a["engine_s"] == pytest.approx(res.engine_s, rel=0.05)  # the per-actor and summed times agree
     assert len(a["spans"]) == a["calls"] and sum(r for _, _, r in a["spans"]) == a["rows"]
     assert res.preflight_s > 0 and res.started_at_unix > 0
     assert 0 < res.pool_ready_s < res.wall_s and res.steady_wall_s == pytest.approx(res.wall_s - res.pool_ready_s)

@@ -120,13 +120,17 @@ class CachePolicy:
 
         return m(ids, ctx.positions, ctx.attn_mask, layer_fn=layer_fn, out_index=out_index)
 
+    def static_step(self, key, build: Callable[[], "StaticStep"]) -> "StaticStep":
+        """The static step `key` of this generate() call, built on first use: the same computation
+        every time it is called (only its input buffers change), so it can be captured once and replayed."""
+        step = self._steps.get(key)
+        if step is None:
+            step = self._steps[key] = build()
+        return step
+
     def canvas_step(self, key, body: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> "CanvasStep":
-        """The static step `key` of this generate() call, built on first use: body(ids, out_index)
-        over the whole batch's canvas, the same computation every time it is called (only the inputs
-        change), so it can be captured once and replayed."""
-        if key not in self._steps:
-            self._steps[key] = CanvasStep(self, body)
-        return self._steps[key]
+        """static_step for body(ids, out_index) over the whole batch's canvas."""
+        return self.static_step(key, lambda: CanvasStep(self, body))
 
     def release(self) -> None:
         """Drop this call's static steps (CUDA graphs and their pool) now, at a safe point: they
@@ -153,10 +157,9 @@ class CachePolicy:
         and attend over the whole cached sequence (Fast-dLLM's sliced call with a KV cache).
         One static-shape step per query count serves every block; on GPUs it is a CUDA graph."""
         ctx = self.ctx
-        key = (q_end - q_start, id(kv))
-        if key not in self._steps:
-            self._steps[key] = RangeStep(self, q_end - q_start, kv)
-        logits = self._steps[key].run(x, q_start, self.out_index(step, q_start))
+        n = q_end - q_start
+        logits = self.static_step((n, id(kv)), lambda: RangeStep(self, n, kv)).run(x, q_start,
+                                                                                   self.out_index(step, q_start))
         ctx.counters.forward(q_end - q_start, ctx.real_len, head_rows=step.end - step.start)
         return logits
 

@@ -243,9 +243,7 @@ class D2Cache(CachePolicy):
         out = torch.argsort((~pred_slot).to(torch.uint8), dim=1, stable=True)[:, :m]
         out_valid = torch.arange(m, device=dev).unsqueeze(0) < counts[1].unsqueeze(1)
         weight = (weight_sel.gather(1, slots) & valid).float()
-        if ("slots", n, m) not in self._steps:
-            self._steps[("slots", n, m)] = _SlotStep(self, n, m)
-        logits, imp = self._steps[("slots", n, m)](x, slots, dst, out, weight)
+        logits, imp = self.static_step(("slots", n, m), lambda: _SlotStep(self, n, m))(x, slots, dst, out, weight)
 
         # rollout importance of this forward (read by end_step)
         self.importance.copy_(torch.where(active.unsqueeze(1), imp, self.importance))

@@ -42,6 +42,13 @@ def status(device: torch.device) -> str:
     return "compiled" if wants_compile(torch.empty(0, device=device)) else "eager"
 
 
+def disable(what: str, e: BaseException) -> None:
+    """`what` failed to compile: run every fused function eagerly from now on, with one warning."""
+    if not _broken:
+        _broken.append(f"{type(e).__name__}: {e}")
+        warnings.warn(f"{what} failed, running eagerly from now on: {_broken[0]}", RuntimeWarning, stacklevel=3)
+
+
 def fused(fn: F) -> F:
     """Run `fn` through torch.compile when wants_compile(first tensor argument), else eagerly."""
     compiled: list[Callable] = []
@@ -57,9 +64,7 @@ def fused(fn: F) -> F:
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise
-            _broken.append(f"{type(e).__name__}: {e}")
-            warnings.warn(f"torch.compile of {fn.__name__} failed, running eagerly from now on: {_broken[0]}",
-                          RuntimeWarning, stacklevel=2)
+            disable(f"torch.compile of {fn.__name__}", e)
             return fn(*args, **kwargs)
 
     wrapper.eager = fn  # type: ignore[attr-defined]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -251,13 +250,12 @@ def _loss_backward(model, batch: dict, mask_id: int, cfg: TrainConfig, step: int
         loss.backward()
         return loss, metrics
 
-    if not probe or not fused.wants_compile(batch["ids"].to(dev)):
+    if not probe or not fused.wants_compile(batch["ids"]):
         return once()
     try:
         return once()
     except Exception as e:  # noqa: BLE001 - a compiler failure must not end a lease's run
-        print(f"compiled step failed ({type(e).__name__}: {e}); continuing eagerly", flush=True)
-        os.environ["DLLM_COMPILE"] = "0"
+        fused.disable("the compiled training step", e)
         model.zero_grad(set_to_none=True)
         return once()
 
