@@ -1,4 +1,4 @@
-"""Issue 8: multi-GPU scaling of the Ray pipeline, measured through `python run_job.py` itself.
+"""Multi-GPU scaling of the Ray pipeline, measured through `python run_job.py` itself.
 
     python benchmarks/bench_scaling.py --gpus 1,2                      # GPUs, LLaDA-8B-shaped bf16 checkpoint
     python benchmarks/bench_scaling.py --cpu --gpus 1,2 --rows 256 --gen-length 128 \\
@@ -241,6 +241,7 @@ def actor_balance(actors: list[dict], ready: float, end: float) -> list[dict[str
         calls = [b - a for a, b, _ in spans]
         out.append({"worker": x["worker"], "rows": x["rows"], "calls": x["calls"], "engine_s": round(x["engine_s"], 3),
                     "load_s": round(x["load_end"] - x["load_start"], 3) if x.get("load_end") else None,
+                    "imported_to_load_s": round(x["load_start"] - x["imported"], 3) if x.get("imported") else None,
                     "start_delay_s": round(first - ready, 3) if first else None, "gaps_s": round(gaps, 3),
                     "idle_tail_s": round(end - last, 3) if last else None,
                     "first_call_s": round(calls[0], 3) if calls else None,
@@ -282,6 +283,8 @@ def measure(a: argparse.Namespace, n: int, ckpt: Path, data: Path, ids_in: pa.Ar
         pipeline_wall_s=run["wall_s"], overhead_incl_pool_start=run["overhead"],
         rows_per_s_e2e=rows / process_s, tokens_per_s_e2e=tokens / process_s,
         drain_s=round(end - last_call, 3), actors=balance,
+        actor_start=[{k: round(x[k] - launched, 3) if x.get(k) else None for k in ("imported", "load_start", "load_end")}
+                     for x in run["actors"]],
         gpu_util=gpu.summary(ready_at, end, n), checks=check_rows(table, ids_in),
         prompt_tokens={"min": pc.min(table.column("num_prompt_tokens")).as_py(),
                        "mean": pc.mean(table.column("num_prompt_tokens")).as_py(),
@@ -424,8 +427,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     records += new
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(records, indent=1, default=str))
-    title = ("Pipeline scaling on CPU actors, tiny random model (a correctness and balance check, NOT the issue's "
-             "GPU measurement)" if a.cpu else "Pipeline scaling (issue 8): LLaDA-8B-shaped random bf16 checkpoint")
+    title = ("Pipeline scaling on CPU actors, tiny random model (a correctness and balance check, NOT the "
+             "GPU measurement)" if a.cpu else "Pipeline scaling: LLaDA-8B-shaped random bf16 checkpoint")
     out_path.with_suffix(".md").write_text(markdown(records, title))
     print(f"[scaling] records -> {out_path}, table -> {out_path.with_suffix('.md')}")
     return 0 if all(r.get("exit_code") == 0 and (r.get("checks") or {}).get("ok") for r in new) else 1

@@ -3,7 +3,9 @@
   eagerly, for every policy;
 - the fused (torch.compile'd) elementwise kernels agree with the eager ones (token agreement; bf16
   rounding differs, so not asserted);
-- rough per-mode timings, and one LLaDA-8B-shaped layer eager vs fused.
+- rough per-mode timings, and one LLaDA-8B-shaped layer eager vs fused;
+- the CUDA weight reader (pinned staging buffers) loads exactly the tensors safetensors' memory map
+  gives, for single-file and sharded checkpoints, same dtype and converted.
 
     python benchmarks/smoke_gpu.py [--out smoke.json]
 """
@@ -100,6 +102,19 @@ def layer_8b(res: dict) -> None:
         print({k: v for k, v in res.items() if k.startswith(f"layer8b-B{B}")}, flush=True)
 
 
+def loader_checks(res: dict) -> None:
+    """load_model onto the GPU (read_to_cuda) == the CPU load (safetensors mmap), tensor for tensor."""
+    with tempfile.TemporaryDirectory() as d:
+        for fam, shards in (("llada", 1), ("dream", 3)):
+            path = write_tiny_checkpoint(Path(d) / f"{fam}{shards}", family=fam, shards=shards, dtype=torch.bfloat16)
+            for dtype in ("bfloat16", "float32"):
+                gpu, _ = load_model(path, device="cuda", dtype=dtype, tokenizer=False)
+                cpu, _ = load_model(path, device="cpu", dtype=dtype, tokenizer=False)
+                g, c = gpu.state_dict(), cpu.state_dict()
+                res[f"load-{fam}-shards{shards}-{dtype}-equal"] = set(g) == set(c) and all(
+                    g[k].dtype == c[k].dtype and torch.equal(g[k].cpu(), c[k]) for k in c)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -110,6 +125,8 @@ def main() -> None:
     try:
         if not a.no_layer:
             layer_8b(res)
+        if DEV == "cuda":
+            loader_checks(res)
         decode_checks(res, a.d_model)
     finally:
         res["fused_status"] = fused.status(torch.device(DEV))
@@ -117,9 +134,9 @@ def main() -> None:
         print(text)
         if a.out:
             Path(a.out).write_text(text + "\n")
-    bad = [k for k, v in res.items() if k.endswith("graph_equals_eager") and v is not True]
+    bad = [k for k, v in res.items() if k.endswith(("graph_equals_eager", "-equal")) and v is not True]
     if bad:
-        sys.exit(f"graph replay differs from eager: {bad}")
+        sys.exit(f"GPU path differs from its reference: {bad}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ from .audit import is_audited
 from .schema import INPUT_ERROR, INTERNAL_PREFIX, STATS_COLUMNS, conform
 from dllm_cache_core.scoring import get_scorer, score_row
 
+IMPORTED_AT = time.time()
+"""When this worker process imported the actor's module (start-up: process + imports, before the load)."""
+
 
 @dataclass(frozen=True)
 class ActorConfig:
@@ -160,7 +163,7 @@ class GenerationActor:
             raise RuntimeError(f"model {config.model_label!r} failed to load on {socket.gethostname()}: "
                                f"{type(e).__name__}: {e}") from e
         if config.progress is not None:
-            config.progress.loaded.remote(self.worker, t_load, time.time())
+            config.progress.loaded.remote(self.worker, t_load, time.time(), imported=IMPORTED_AT)
         self._spans: list[tuple[float, float, int]] = []
         self._reference: Any = None
         scorer = config.evaluation

@@ -30,12 +30,12 @@ class ProgressTracker:
         self.actors: dict[str, dict[str, Any]] = {}
 
     def _actor(self, worker: str) -> dict[str, Any]:
-        return self.actors.setdefault(worker, {"worker": worker, "load_start": None, "load_end": None,
+        return self.actors.setdefault(worker, {"worker": worker, "imported": None, "load_start": None, "load_end": None,
                                                "batches": 0, "rows": 0, "calls": 0, "engine_s": 0.0,
                                                "first_call_start": None, "last_call_end": None, "spans": []})
 
-    def loaded(self, worker: str, start: float, end: float) -> None:
-        self._actor(worker).update(load_start=start, load_end=end)
+    def loaded(self, worker: str, start: float, end: float, imported: Optional[float] = None) -> None:
+        self._actor(worker).update(load_start=start, load_end=end, imported=imported)
 
     def report(self, rows: int, tokens: int, errors: dict[str, int], engine_s: float, worker: str,
                spans: Sequence[tuple[float, float, int]] = ()) -> None:

@@ -1,8 +1,9 @@
 """Runs one validated JobSpec: plan, checks, Ray Data pipeline, exactly-once finalisation, report.
 
 Order (every check before any generation): the output folder's state (on_existing), the input scan
-(ids, columns), a preflight model load in one Ray task with the actors' resources (a model that
-fails to load fails the job once, with the loader's message), the fingerprint against `_job.json`,
+(ids, columns), the model checked in the driver without its weights (config, tokenizer, safetensors
+headers, size against the GPUs: a model that would fail to load fails the job once, with the loader's
+message), the fingerprint against `_job.json`,
 resume (ids already written are not read again), then read -> GenerationActor pool -> atomic parts,
 then duplicates repaired, every input id checked present exactly once, `_SUCCESS` and the report.
 """
@@ -19,7 +20,7 @@ import pyarrow.compute as pc
 
 from . import fs as fsx
 from . import manifest, output
-from .actor import ActorConfig, GenerationActor, build_engine
+from .actor import ActorConfig, GenerationActor
 from .io import InputError, InputScan, ReadPlan, list_input, plan_reads, read_dataset, scan_input
 from .schema import output_schema
 from .spec import JobSpec
@@ -47,7 +48,7 @@ class RunResult:
     started_at_unix: float = 0.0
     """time.time() when run() began (after Ray was up): a caller's own clock gives the cluster start."""
     preflight_s: float = 0.0
-    """The preflight model load (one Ray task), before the pipeline starts."""
+    """The model check in the driver (no weights loaded), before the pipeline starts."""
     pool_ready_s: float = 0.0
     """Part of wall_s from the pipeline's start until the pool's last actor had its model loaded: Ray Data
     (wait_for_min_actors_s) hands out no batch before that, so it is start-up, not pipeline overhead."""
@@ -167,25 +168,16 @@ def actor_config(spec: JobSpec, schema: pa.Schema, progress: Any = None, engine_
         schema=schema, model_label=spec.model.path, progress=progress, engine_factory=engine_factory)
 
 
-def _preflight(cfg: ActorConfig) -> dict[str, Any]:
-    engine = (cfg.engine_factory or build_engine)(cfg)
-    return {"model_hash": engine.model_fingerprint()}
+def preflight(spec: JobSpec) -> dict[str, Any]:
+    """The model checked in the driver without loading its weights (pipeline.preflight); JobError says why."""
+    from .preflight import PreflightError, preflight as check
 
-
-def preflight(spec: JobSpec, cfg: ActorConfig) -> dict[str, Any]:
-    """Load the model once, in a Ray task with one actor's resources; JobError with the loader's message.
-    With GPUs, max_calls=1 makes the worker exit afterwards, so it keeps no GPU memory from the actors."""
-    import ray
-
-    gpus = spec.compute.gpus_per_actor
-    task = ray.remote(num_cpus=spec.compute.cpus_per_actor, num_gpus=gpus or None, max_retries=0,
-                      max_calls=1 if gpus else 0)(_preflight)
+    c = spec.compute
     try:
-        return ray.get(task.remote(cfg))
-    except ray.exceptions.RayTaskError as e:
-        cause = e.cause if getattr(e, "cause", None) is not None else e
-        raise JobError(f"model {spec.model.path!r} failed to load, so the job did not start: "
-                       f"{type(cause).__name__}: {cause}") from None
+        pre = check(spec.model.path, spec.model.family, spec.dtype, c.device, c.gpus_per_actor)
+    except PreflightError as e:
+        raise JobError(str(e)) from None
+    return {"model_hash": pre.model_hash, "weight_bytes": pre.weight_bytes, "gpu_memory_bytes": pre.gpu_memory_bytes}
 
 
 def check_cluster(spec: JobSpec, warn: TextIO) -> None:
@@ -298,7 +290,7 @@ def run(spec: JobSpec, retry_errors: bool = False, stream: TextIO = sys.stderr, 
     check_cluster(spec, stream)
     schema = output_schema(input_scan.schema)
     t_pre = time.time()
-    pre = preflight(spec, actor_config(spec, schema, engine_factory=engine_factory))
+    pre = preflight(spec)
     timing["preflight_s"] = time.time() - t_pre
     components = manifest.fingerprint_components(spec, pre["model_hash"])
     fp = manifest.fingerprint(components)

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
 
 from .base import DiffusionLM
+from .checkpoint import (DTYPE_BYTES, FLOAT_DTYPES, CheckpointInfo, Opener, TensorEntry, check_complete, check_entry,
+                         expected_shapes, fingerprint, local_files, numel, read_header, read_to_cuda, weight_names)
 from .config import ModelConfig, model_config
 from .dream import DreamModel
 from .llada import LLaDAModelLM
@@ -53,40 +56,39 @@ def read_config(path: Path, family: str = "auto") -> ModelConfig:
 
 def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
-    if index.exists():
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        return [path / n for n in names]
-    single = path / "model.safetensors"
-    if single.exists():
-        return [single]
-    shards = sorted(path.glob("*.safetensors"))
-    if shards:
-        return shards
-    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
-        raise ValueError(f"{path}: only pickle weights (.bin/.pt) found; they can run arbitrary code and are "
-                         "refused. Convert them to safetensors (e.g. save_pretrained(safe_serialization=True)).")
-    raise ValueError(f"{path}: no safetensors weights found")
+    idx = json.loads(index.read_text()) if index.exists() else None
+    return [path / n for n in weight_names((f.name for f in path.iterdir() if f.is_file()), idx, str(path))]
 
 
 def load_weights(model: DiffusionLM, path: Path, device: torch.device, dtype: torch.dtype) -> None:
-    """Fill a meta-device model tensor by tensor on `device` (peak memory ~ the weights)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    """Fill a meta-device model tensor by tensor on `device` (peak memory ~ the weights). On CUDA the
+    files are read in parallel through pinned buffers; elsewhere through safetensors' memory map."""
+    expected = expected_shapes(model)
+    family = model.config.family
+    files = weight_files(path)
     seen: dict[str, Any] = {}
-    dev = "cpu" if device.type == "cpu" else f"{device.type}:{device.index or 0}" if device.type == "cuda" else str(device)
-    for f in weight_files(path):
-        with safe_open(str(f), framework="pt", device=dev) as sf:
-            for key in sf.keys():
-                if key not in expected:
-                    raise ValueError(f"{f.name}: unexpected key {key!r} for a {model.config.family} model")
-                shape = tuple(sf.get_slice(key).get_shape())
-                if shape != expected[key]:
-                    raise ValueError(f"{f.name}: shape mismatch for {key!r}: checkpoint {shape}, model {expected[key]}")
-                t = sf.get_tensor(key)
-                seen[key] = t.to(dtype) if t.is_floating_point() else t
-    missing = sorted(set(expected) - set(seen))
-    if missing:
-        raise ValueError(f"{path}: missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if device.type == "cuda":
+        headers = []
+        for f in files:
+            with open(f, "rb") as fh:
+                headers.append(read_header(fh, f.name))
+            for key, e in headers[-1].items():
+                check_entry(key, e.shape, expected, f.name, family)
+        check_complete((k for h in headers for k in h), expected, str(path))
+        dev = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
+            for part in pool.map(lambda fh: read_to_cuda(fh[0], fh[1], dev), zip(files, headers)):
+                for key, t in part.items():
+                    seen[key] = t.to(dtype) if t.is_floating_point() else t
+    else:
+        dev = "cpu" if device.type == "cpu" else str(device)
+        for f in files:
+            with safe_open(str(f), framework="pt", device=dev) as sf:
+                for key in sf.keys():
+                    check_entry(key, tuple(sf.get_slice(key).get_shape()), expected, f.name, family)
+                    t = sf.get_tensor(key)
+                    seen[key] = t.to(dtype) if t.is_floating_point() else t
+        check_complete(seen, expected, str(path))
     model.load_state_dict(seen, strict=True, assign=True)
 
 
@@ -142,3 +144,51 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
         eot = [t for t in model.default_stop_ids if t != cfg.eos_id]  # type: ignore[attr-defined]
         model.eot_id = eot[0] if eot else None  # type: ignore[attr-defined]
     return model, tok
+
+
+def inspect_checkpoint(path: str | Path, family: str = "auto", dtype: str | torch.dtype = "float32",
+                       tokenizer: bool = True, files: Optional[list[tuple[str, int]]] = None,
+                       open_file: Optional[Opener] = None) -> CheckpointInfo:
+    """Everything a load checks, without the weights. `path` holds config.json and the tokenizer; the
+    weight files are read through `open_file(name)` when given (a remote folder), else from `path`."""
+    p = resolve_path(path)
+    files = files if files is not None else local_files(p)
+    open_file = open_file or (lambda name: open(p / name, "rb"))
+    cfg = read_config(p, family)
+    dt = resolve_dtype(dtype)
+    with torch.device("meta"):
+        expected = expected_shapes(ARCHITECTURES[cfg.family](cfg))
+    names = [n for n, _ in files]
+    index = None
+    if "model.safetensors.index.json" in names:
+        with open_file("model.safetensors.index.json") as f:
+            index = json.load(f)
+    wnames = weight_names(names, index, str(p))
+    sizes = dict(files)
+    entries: dict[str, TensorEntry] = {}
+    for w in wnames:
+        if w not in sizes:
+            raise ValueError(f"{p}: weight file {w!r} named in the index is missing")
+        with open_file(w) as f:
+            header = read_header(f, w)
+        for key, e in header.items():
+            check_entry(key, e.shape, expected, w, cfg.family)
+            if e.end > sizes[w]:
+                raise ValueError(f"{w}: truncated (tensor {key!r} ends at byte {e.end}, the file has {sizes[w]})")
+            entries[key] = e
+    check_complete(entries, expected, str(p))
+    if tokenizer:
+        load_tokenizer(p)
+    elem = torch.empty((), dtype=dt).element_size()
+    num_params = sum(numel(e.shape) for e in entries.values())
+    weight_bytes = sum(numel(e.shape) * (elem if e.dtype in FLOAT_DTYPES else DTYPE_BYTES[e.dtype])
+                       for e in entries.values())
+    return CheckpointInfo(str(p), cfg, num_params, weight_bytes, sum(sizes[w] for w in wnames),
+                          fingerprint(files, open_file), tuple(wnames))
+
+
+def model_fingerprint(path: str | os.PathLike) -> str:
+    """Content hash of a checkpoint folder (config and tokenizer files in full, large weight files by
+    safetensors header and size)."""
+    p = resolve_path(path)
+    return fingerprint(local_files(p), lambda name: open(p / name, "rb"))
