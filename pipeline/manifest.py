@@ -25,7 +25,8 @@ SUCCESS_FILE = "_SUCCESS"
 
 
 def fingerprint_components(spec: JobSpec, model_hash: str) -> dict[str, Any]:
-    return {
+    calibration = {"calibration": spec.calibration.model_dump(mode="json")} if spec.cache.policy == "auto" else {}
+    return {**calibration,
         "model": model_hash,
         "family": spec.model.family,
         "dtype": spec.dtype,

@@ -28,6 +28,7 @@ PLOTS = {
     "latency_hist": "plots/latency_hist.png",
     "errors_by_kind": "plots/errors_by_kind.png",
     "audit_agreement": "plots/audit_agreement.png",
+    "calibration": "plots/calibration.png",
 }
 _COLUMNS = ["num_prompt_tokens", "num_generated_tokens", "tokens_per_step", "flops_speedup", "flops_speedup_total",
             "latency_s", "finish_reason", "error_type", "cache_policy", "audit_speedup", "audit_token_agreement",
@@ -125,7 +126,25 @@ def _hist(values: list, title: str, xlabel: str, empty: str, bins: int = 30, **k
     return _png(plt, fig)
 
 
-def make_plots(table: pa.Table) -> dict[str, bytes]:
+def calibration_plot(cal: Optional[dict]) -> bytes:
+    """tokens/s against token agreement with `none`, one point per candidate, the floor as a line."""
+    plt, fig, ax = _figure()
+    pts = [e for e in (cal or {}).get("table", []) if e.get("tokens_per_s") and e.get("token_agreement") is not None]
+    if pts:
+        for e in pts:
+            won = e["candidate"] == cal["winner"]
+            ax.scatter(e["token_agreement"], e["tokens_per_s"], s=40 if won else 16, c="C3" if won else "C0")
+            ax.annotate(e["candidate"], (e["token_agreement"], e["tokens_per_s"]), fontsize=7)
+        ax.axvline(cal.get("min_agreement", 0.0), color="grey", linestyle="--", linewidth=1)
+    else:
+        _no_data(ax, "calibration (cache.policy is not auto)")
+    ax.set_title("Calibration: speed against agreement with none")
+    ax.set_xlabel("token agreement with none")
+    ax.set_ylabel("generated tokens/s")
+    return _png(plt, fig)
+
+
+def make_plots(table: pa.Table, calibration: Optional[dict] = None) -> dict[str, bytes]:
     col = lambda name: table.column(name).to_pylist() if name in table.column_names else []  # noqa: E731
     out = {}
     out["flops_speedup_hist"] = _hist(col("flops_speedup"), "FLOPs speedup of the cache policy (per row)",
@@ -155,6 +174,7 @@ def make_plots(table: pa.Table) -> dict[str, bytes]:
 
     out["audit_agreement"] = _hist(col("audit_token_agreement"), "Audit: token agreement with policy none",
                                    "token agreement", "audited rows", bins=20, range=(0, 1))
+    out["calibration"] = calibration_plot(calibration)
     return out
 
 
@@ -193,6 +213,22 @@ def to_markdown(rep: dict[str, Any], name: str = "") -> str:
                      f"measured speedup mean {_fmt((a['speedup'] or {}).get('mean'))}")
     else:
         lines.append("no audited rows")
+    cal = rep.get("calibration")
+    if cal:
+        lines += ["", "## Calibration (cache.policy auto)", "",
+                  f"{cal['rows']} calibration rows; chose **{cal['winner']}** (floor: token agreement >= "
+                  f"{_fmt(cal.get('min_agreement'))}" + (f", score ratio >= {_fmt(cal['min_score_ratio'])}"
+                                                         if cal.get("min_score_ratio") else "") + ")", "",
+                  "| candidate | rows | token agreement | tokens/s | FLOPs speedup | score | meets floors |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {e['candidate']} | {e['rows']} | {_fmt(e['token_agreement'])} | {_fmt(e['tokens_per_s'])} | "
+                  f"{_fmt(e['flops_speedup'])} | {_fmt(e.get('score'))} | {'yes' if e['meets_floors'] else 'no'} |"
+                  for e in cal["table"]]
+        d = cal.get("drift")
+        if d:
+            lines += ["", f"Audit of the chosen policy on {d['rows']} rows: agreement {_fmt(d['mean'])} "
+                      f"(standard error {_fmt(d['standard_error'])}, floor {_fmt(d['floor'])})"
+                      + (": **below the floor**; the choice no longer holds on this data" if d["below_floor"] else ".")]
     ev = rep.get("evaluation")
     if ev:
         lines += ["", "## Evaluation", "", f"scorer {ev['scorer']}: accuracy {_fmt(ev['accuracy'])} over {ev['scored']} scored rows", ""]
@@ -219,10 +255,17 @@ def write_report(out_uri: str, run: Optional[dict] = None, evaluation: Any = Non
     rep = summarize(table, ev)
     rep["run"] = run if run is not None else job.get("run")
     rep["plots"] = dict(PLOTS)
+    cal = job.get("calibration")
+    if cal:
+        from .calibrate import drift
+
+        agree = [x for x in (table.column("audit_token_agreement").to_pylist() if "audit_token_agreement" in
+                             table.column_names else []) if x is not None]
+        rep["calibration"] = {**cal, "drift": drift(cal, agree)}
     paths = {}
     rd, ru = fsx.join(d, REPORT_DIR), fsx.join(out_uri, REPORT_DIR)
     fs.create_dir(fsx.join(rd, "plots"), recursive=True)
-    for key, png in make_plots(table).items():
+    for key, png in make_plots(table, rep.get("calibration")).items():
         fsx.write_bytes_atomic(fs, fsx.join(rd, PLOTS[key]), png)
         paths[key] = fsx.join(ru, PLOTS[key])
     fsx.write_bytes_atomic(fs, fsx.join(rd, "report.json"), json.dumps(rep, indent=1, default=str).encode())

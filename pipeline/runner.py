@@ -157,10 +157,12 @@ def dry_run(spec: JobSpec, stream: TextIO = sys.stdout) -> ReadPlan:
 
 
 # ----------------------------------------------------------------------------- running (Ray)
-def actor_config(spec: JobSpec, schema: pa.Schema, progress: Any = None, engine_factory=None) -> ActorConfig:
+def actor_config(spec: JobSpec, schema: pa.Schema, progress: Any = None, engine_factory=None,
+                 cache: Optional[dict] = None) -> ActorConfig:
+    """cache: the engine's cache settings (the calibration's choice under `cache.policy: auto`)."""
     return ActorConfig(
         model_path=spec.model.path, family=spec.model.family, dtype=spec.dtype, device=spec.compute.device,
-        seed=spec.seed, generation=spec.generation.engine_kwargs(), cache=spec.cache.engine_kwargs(),
+        seed=spec.seed, generation=spec.generation.engine_kwargs(), cache=cache or spec.cache.engine_kwargs(),
         prompt_column=spec.input.prompt_column, messages_column=spec.input.messages_column,
         chat_template=spec.input.chat_template, id_column=spec.input.id_column, batch_size=spec.compute.batch_size,
         audit_fraction=spec.audit.fraction,
@@ -279,6 +281,30 @@ def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO) -> t
     return wall, {**asdict(snap), "pool_ready_s": pool_ready_s(snap.actors, t0, c.num_actors)}
 
 
+def _calibrated(spec: JobSpec, plan: ReadPlan, input_scan: InputScan, schema: pa.Schema, record: dict,
+                job: Optional[dict], retry_errors: bool, engine_factory, stream: TextIO) -> tuple[ReadPlan, dict]:
+    """`cache.policy: auto`: the choice recorded by an earlier run of this job, else a calibration now
+    (its rows are written, so the plan is made again without them). Returns (plan, cache settings)."""
+    from .calibrate import calibrate
+
+    cal = (job or {}).get("calibration") if job and job.get("fingerprint") == record["fingerprint"] else None
+    if cal is not None:
+        print(f"calibration: using the recorded choice {cal['winner']}", file=stream)
+    else:
+        if not plan.todo_rows:
+            return plan, {"policy": "none"}
+        cfg = actor_config(spec, schema, engine_factory=engine_factory)
+        try:
+            cal = calibrate(spec, plan, cfg, schema, stream)
+        except Exception as e:  # noqa: BLE001
+            raise JobError(f"the calibration of cache.policy auto failed: {type(e).__name__}: {e}. "
+                           "Nothing of it was recorded; run the same command again") from e
+        plan = make_plan(spec, input_scan, done_ids(spec, retry_errors))
+    record["calibration"] = cal
+    manifest.write_job(spec.output.path, record)
+    return plan, cal["cache"]
+
+
 def run(spec: JobSpec, retry_errors: bool = False, stream: TextIO = sys.stderr, engine_factory=None) -> RunResult:
     """Run the job on the connected Ray cluster. Raises JobError when it cannot run or complete."""
     out = spec.output.path
@@ -309,9 +335,12 @@ def run(spec: JobSpec, retry_errors: bool = False, stream: TextIO = sys.stderr, 
     manifest.write_job(out, record)
     manifest.clear_success(out)
     wall, snap = 0.0, {"rows": 0, "tokens": 0, "errors": {}, "engine_s": 0.0}
+    cache = None
+    if spec.cache.policy == "auto":
+        plan, cache = _calibrated(spec, plan, input_scan, schema, record, job, retry_errors, engine_factory, stream)
     if plan.todo_rows:
         try:
-            wall, snap = _execute(spec, plan, {"schema": schema, "engine_factory": engine_factory}, stream)
+            wall, snap = _execute(spec, plan, {"schema": schema, "engine_factory": engine_factory, "cache": cache}, stream)
         except JobError as e:
             record.update(status="failed", finished_at=manifest.now(), error=str(e))
             manifest.write_job(out, record)

@@ -23,6 +23,7 @@ POLICY_PARAMS: dict[str, tuple[str, ...]] = {
     "dual": ("refresh_interval",),
     "dllm_cache": ("kp", "kr", "rou"),
     "d2cache": ("rollout_p", "current_k", "sigma", "inflate_w"),
+    "auto": (),
 }
 """Cache policy -> its parameters (shared/DESIGN.md); a parameter of another policy is an error."""
 LLADA_REMASKING = ("low_confidence", "random")
@@ -128,7 +129,9 @@ class GenerationSpec(_Section):
 class CacheSpec(_Section):
     """Flat like dllm_cache_core.CacheConfig: `policy` plus every policy's parameters (null = default)."""
 
-    policy: Literal["none", "prefix", "dual", "dllm_cache", "d2cache"] = "none"
+    policy: Literal["none", "prefix", "dual", "dllm_cache", "d2cache", "auto"] = "none"
+    """`auto` calibrates on a sample of the job and runs the fastest candidate that keeps quality
+    (the `calibration` section)."""
     refresh_interval: Optional[int] = Field(default=None, ge=1)
     kp: Optional[int] = Field(default=None, ge=1)
     kr: Optional[int] = Field(default=None, ge=1)
@@ -154,6 +157,44 @@ class CacheSpec(_Section):
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for dllm_cache_core.CacheConfig (only the parameters that were set)."""
         return {"policy": self.policy, **self.params_set()}
+
+
+class CalibrationSpec(_Section):
+    """Settings of `cache.policy: auto` (only allowed with it)."""
+
+    candidates: Optional[list[dict[str, Any]]] = None
+    """Cache settings to try besides `none` (each like the `cache` section, or a policy name); null =
+    every policy at its defaults plus dual with refresh_interval 4 and dllm_cache with kr 1."""
+    min_agreement: float = Field(default=0.98, ge=0.0, le=1.0)
+    """Token agreement with `none` on the calibration rows that a candidate must reach."""
+    min_score_ratio: Optional[float] = Field(default=None, gt=0.0)
+    """With an evaluation scorer: the candidate's score / none's score must reach this; null = not used."""
+    calibration_rows: int = Field(default=64, ge=1)
+    """Rows in the calibration sample (seeded, stratified by prompt length)."""
+    seed: Optional[int] = Field(default=None, ge=0)
+    """Seed of the sample; null = the job's seed."""
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _candidates(cls, v: Any) -> Any:
+        """Each candidate validated as a `cache` section; kept as its engine kwargs."""
+        if not isinstance(v, list):
+            return v
+        out = []
+        for i, c in enumerate(v):
+            where = f"calibration.candidates[{i}]"
+            try:
+                cache = CacheSpec.model_validate({"policy": c} if isinstance(c, str) else c)
+            except ValidationError as e:
+                msgs = [m.removeprefix("Value error, ").replace("cache.", f"{where}.") for m in
+                        (f"{'.'.join(map(str, x['loc']))}: {x['msg']}" if x["loc"] else x["msg"] for x in e.errors())]
+                text = "; ".join(msgs)
+                raise ValueError(text if text.startswith(where) else f"{where}: {text}") from None
+            if cache.policy in ("auto", "none"):
+                raise ValueError(f"{where}: {cache.policy!r} is not a candidate (none is always the reference); "
+                                 "allowed: prefix, dual, dllm_cache, d2cache, with their parameters")
+            out.append(cache.engine_kwargs())
+        return out
 
 
 class ComputeSpec(_Section):
@@ -224,6 +265,7 @@ class JobSpec(_Section):
     compute: ComputeSpec = Field(default_factory=ComputeSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
     evaluation: Optional[EvaluationSpec] = None
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
 
     @field_validator("cache", mode="before")
     @classmethod
@@ -238,6 +280,9 @@ class JobSpec(_Section):
             if rem not in allowed:
                 raise ValueError(f"generation.remasking={rem!r} is not allowed for model.family={fam!r}; "
                                  f"allowed: {', '.join(allowed)}")
+        if "calibration" in self.model_fields_set and self.cache.policy != "auto":
+            raise ValueError(f"calibration.* is only used with cache.policy: auto, not {self.cache.policy!r}; "
+                             "allowed: remove the calibration section, or cache.policy: auto")
         if _norm_path(self.input.path) == _norm_path(self.output.path):
             raise ValueError("output.path must differ from input.path; allowed: a separate folder")
         return self

@@ -1,0 +1,240 @@
+"""`cache.policy: auto`: calibrate on a sample of the job, then run the fastest policy that keeps quality.
+
+Which cache policy is safe depends on the task, so the job measures it on its own rows before the
+main run: a seeded sample of the input, stratified by prompt length, runs under `none` and under each
+candidate on actors with the job's resources and generation settings. Per candidate: token agreement
+with `none`, task score when the job has a scorer, tokens/s measured in that same run, FLOPs speedup.
+The fastest candidate meeting the floors wins (`none` when none does). The sample's rows are written
+like any other row, with the winner's outputs and the `none` outputs as their audit; the table and the
+choice go into `_job.json`, so a resumed job uses the same choice without calibrating again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Any, Optional, TextIO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import fs as fsx
+from . import output
+from .actor import ActorConfig, GenerationActor, prompt_length
+from .io import ReadPlan, read_dataset
+from .schema import INTERNAL_PREFIX, conform
+from .spec import JobSpec
+
+DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
+    {"policy": "prefix"},
+    {"policy": "dual"},
+    {"policy": "dual", "refresh_interval": 4},
+    {"policy": "dllm_cache"},
+    {"policy": "dllm_cache", "kr": 1},
+    {"policy": "d2cache"},
+)
+"""Every policy at its defaults, plus a safer setting of the fast ones: dual refreshing its cache every
+4 steps, dllm_cache refreshing the response every step."""
+POOL_FACTOR = 8
+"""The stratified sample is drawn from about this many times calibration_rows hashed rows."""
+CANDIDATE = INTERNAL_PREFIX + "candidate"
+ENGINE_S = INTERNAL_PREFIX + "engine_s"
+
+
+def label(cache: dict[str, Any]) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in sorted(cache.items()) if k != "policy")
+    return f"{cache['policy']}({params})" if params else cache["policy"]
+
+
+def candidates(spec: JobSpec) -> list[dict[str, Any]]:
+    """`none` first (the reference), then the configured or default candidates."""
+    cands = spec.calibration.candidates
+    return [{"policy": "none"}, *[dict(c) for c in (DEFAULT_CANDIDATES if cands is None else cands)]]
+
+
+def sample_key(row_id: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by the row id and the calibration seed."""
+    h = hashlib.sha256(f"calibration:{seed}:{row_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64
+
+
+def stratified(ids: list[str], lengths: list[int], n: int, seed: int) -> list[int]:
+    """Indices of n rows: the hashed pool sorted by prompt length, taken at evenly spaced quantiles."""
+    keys = [sample_key(i, seed) for i in ids]
+    pool = sorted(range(len(ids)), key=lambda i: keys[i])[:POOL_FACTOR * n]
+    pool.sort(key=lambda i: (lengths[i], keys[i]))
+    if len(pool) <= n:
+        return sorted(pool)
+    return sorted(pool[int((k + 0.5) * len(pool) / n)] for k in range(n))
+
+
+class CalibrationActor(GenerationActor):
+    """A GenerationActor that runs each batch under every candidate, one engine call set per candidate,
+    each timed; the first batch is preceded by one untimed row per candidate (compilation, graphs)."""
+
+    def __init__(self, config: ActorConfig, caches: list[dict[str, Any]]):
+        super().__init__(config)
+        from dllm_cache_core import CacheConfig
+
+        base = self.engine
+        self.engines = [base.with_cache(CacheConfig(**c)) for c in caches]
+        self.warm = False
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if not self.warm:
+            for e in self.engines:
+                self.engine = e
+                super().__call__(batch.slice(0, 1))
+            self.warm = True
+        out = []
+        for k, e in enumerate(self.engines):
+            self.engine = e
+            before = self.engine_s
+            t = super().__call__(batch)
+            n = t.num_rows
+            t = t.append_column(CANDIDATE, pa.array([k] * n, pa.int32()))
+            out.append(t.append_column(ENGINE_S, pa.array([self.engine_s - before] + [0.0] * (n - 1), pa.float64())))
+        return pa.concat_tables(out)
+
+
+def draw_sample(spec: JobSpec, plan: ReadPlan) -> pa.Table:
+    """The calibration rows among those still to run (one read pass; only the hashed pool reaches the driver)."""
+    import ray
+
+    cal = spec.calibration
+    n, seed = cal.calibration_rows, cal.seed if cal.seed is not None else spec.seed
+    share = min(1.0, POOL_FACTOR * n / max(plan.todo_rows, 1) * 1.5)
+    id_col = plan.id_column
+
+    def keep(batch: pa.Table) -> pa.Table:
+        ids = pc.cast(batch.column(id_col), pa.string()).to_pylist()
+        return batch.filter(pa.array([sample_key(i, seed) < share for i in ids]))
+
+    refs = read_dataset(plan).map_batches(keep, batch_format="pyarrow").to_arrow_refs()
+    tables = [t for t in ray.get(refs) if t.num_rows]
+    if not tables:
+        return pa.table({})
+    pool = pa.concat_tables(tables, promote_options="permissive")
+    col = spec.input.messages_column or spec.input.prompt_column
+    values = pool.column(col).to_pylist() if col in pool.column_names else [None] * pool.num_rows
+    ids = pc.cast(pool.column(id_col), pa.string()).to_pylist()
+    return pool.take(stratified(ids, [prompt_length(v) for v in values], n, seed))
+
+
+def measure(spec: JobSpec, sample: pa.Table, cfg: ActorConfig, caches: list[dict[str, Any]]) -> pa.Table:
+    """Every candidate over the sample, on actors with the job's resources."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    c = spec.compute
+    cfg = dataclasses.replace(cfg, cache={"policy": "none"}, audit_fraction=0.0, progress=None)
+    actors = max(1, min(c.num_actors, math.ceil(sample.num_rows / c.batch_size)))
+    ds = ray.data.from_arrow(sample).map_batches(
+        CalibrationActor, fn_constructor_kwargs={"config": cfg, "caches": caches}, batch_size=c.batch_size,
+        batch_format="pyarrow", compute=ActorPoolStrategy(size=actors), num_cpus=c.cpus_per_actor,
+        num_gpus=c.gpus_per_actor or None)
+    return pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="permissive")
+
+
+def score_table(results: pa.Table, caches: list[dict[str, Any]], id_col: str, scored: bool,
+                min_agreement: float, min_score_ratio: Optional[float]) -> tuple[list[dict[str, Any]], int]:
+    """Per candidate: agreement with `none`, score ratio, tokens/s, FLOPs speedup; and the winner's index."""
+    from dllm_cache_core import token_agreement
+
+    per = [results.filter(pc.equal(results.column(CANDIDATE), k)) for k in range(len(caches))]
+    rows = [{str(i): r for i, r in zip(pc.cast(t.column(id_col), pa.string()).to_pylist(), t.to_pylist())} for t in per]
+    ref = rows[0]
+    table = []
+    for k, (cache, got) in enumerate(zip(caches, rows)):
+        both = [i for i, r in got.items() if r["error_type"] is None and ref.get(i, {}).get("error_type", "x") is None]
+        agree = [token_agreement(got[i]["generation_token_ids"] or [], ref[i]["generation_token_ids"] or []) for i in both]
+        tokens = sum(got[i]["num_generated_tokens"] or 0 for i in both)
+        seconds = float(pc.sum(per[k].column(ENGINE_S)).as_py() or 0.0)
+        flops, flops_ref = (sum(r[i]["flops"] or 0.0 for i in both) for r in (got, ref))
+        entry: dict[str, Any] = {
+            "candidate": label(cache), "cache": cache, "rows": len(both),
+            "token_agreement": sum(agree) / len(agree) if agree else None,
+            "tokens_per_s": tokens / seconds if seconds else None, "engine_s": seconds,
+            "flops_speedup": flops_ref / flops if flops else None}
+        if scored:
+            s = [got[i]["score"] for i in both if got[i]["score"] is not None]
+            entry["score"] = sum(s) / len(s) if s else None
+        table.append(entry)
+    for e in table:
+        if scored:
+            ref_score, score = table[0].get("score"), e.get("score")
+            e["score_ratio"] = (score / ref_score if ref_score else (1.0 if score is not None and score >= 0 else None))
+        e["meets_floors"] = e["cache"]["policy"] == "none" or (
+            e["token_agreement"] is not None and e["token_agreement"] >= min_agreement
+            and (min_score_ratio is None or not scored or (e.get("score_ratio") or 0.0) >= min_score_ratio))
+    ok = [k for k, e in enumerate(table) if e["meets_floors"] and e["tokens_per_s"]]
+    winner = max(ok, key=lambda k: (table[k]["tokens_per_s"], table[k]["token_agreement"] or 0.0)) if ok else 0
+    return table, winner
+
+
+def write_winner(spec: JobSpec, results: pa.Table, winner: int, caches: list[dict[str, Any]],
+                 schema: pa.Schema) -> int:
+    """The sample rows under the winner, with the `none` run as their audit, as one output part."""
+    from dllm_cache_core import token_agreement
+
+    id_col = spec.input.id_column
+    ref = results.filter(pc.equal(results.column(CANDIDATE), 0))
+    won = results.filter(pc.equal(results.column(CANDIDATE), winner))
+    ref_rows = {str(r[id_col]): r for r in ref.to_pylist()}
+    speedup = None
+    ref_s, won_s = (float(pc.sum(t.column(ENGINE_S)).as_py() or 0.0) for t in (ref, won))
+    if winner and won_s:
+        speedup = ref_s / won_s
+    agree, speed = [], []
+    for r in won.to_pylist():
+        a = ref_rows.get(str(r[id_col]))
+        ok = winner and r["error_type"] is None and a is not None and a["error_type"] is None
+        agree.append(token_agreement(r["generation_token_ids"] or [], a["generation_token_ids"] or []) if ok else None)
+        speed.append(speedup if ok else None)
+    won = won.drop_columns([CANDIDATE, ENGINE_S])
+    won = won.set_column(won.column_names.index("cache_policy"), "cache_policy",
+                         pa.array([caches[winner]["policy"]] * won.num_rows, pa.string()))
+    won = won.set_column(won.column_names.index("audit_token_agreement"), "audit_token_agreement", pa.array(agree, pa.float64()))
+    won = won.set_column(won.column_names.index("audit_speedup"), "audit_speedup", pa.array(speed, pa.float64()))
+    fs, d = fsx.resolve(spec.output.path)
+    fs.create_dir(d, recursive=True)
+    output.write_part(fs, d, conform(won, schema), id_col)
+    return won.num_rows
+
+
+def calibrate(spec: JobSpec, plan: ReadPlan, cfg: ActorConfig, schema: pa.Schema, stream: TextIO) -> dict[str, Any]:
+    """Run the calibration and write its rows; returns the record kept in `_job.json`."""
+    cal = spec.calibration
+    caches = candidates(spec)
+    sample = draw_sample(spec, plan)
+    print(f"calibration: {sample.num_rows} row(s) x {len(caches)} configuration(s) ...", file=stream, flush=True)
+    if not sample.num_rows:
+        return {"winner": "none", "cache": {"policy": "none"}, "rows": 0, "table": []}
+    results = measure(spec, sample, cfg, caches)
+    table, winner = score_table(results, caches, spec.input.id_column, spec.evaluation is not None,
+                                cal.min_agreement, cal.min_score_ratio)
+    written = write_winner(spec, results, winner, caches, schema)
+    for e in table:
+        print(f"  {e['candidate']:<32} agreement {_fmt(e['token_agreement'])}  tokens/s {_fmt(e['tokens_per_s'])}"
+              f"  flops x{_fmt(e['flops_speedup'])}" + (f"  score {_fmt(e.get('score'))}" if 'score' in e else "")
+              + ("" if e["meets_floors"] else "  (below the floor)"), file=stream)
+    print(f"calibration: chose {table[winner]['candidate']}", file=stream, flush=True)
+    return {"winner": table[winner]["candidate"], "cache": caches[winner], "rows": written, "table": table,
+            "min_agreement": cal.min_agreement, "min_score_ratio": cal.min_score_ratio}
+
+
+def drift(calibration: dict[str, Any], agreement: list[float]) -> Optional[dict[str, Any]]:
+    """The audit's running agreement for the chosen policy against the floor: flagged when even its upper
+    two-standard-error bound is below it."""
+    if not agreement or calibration.get("cache", {}).get("policy") == "none":
+        return None
+    n = len(agreement)
+    mean = sum(agreement) / n
+    se = math.sqrt(sum((x - mean) ** 2 for x in agreement) / (n - 1) / n) if n > 1 else float("inf")
+    floor = calibration.get("min_agreement", 0.0)
+    return {"rows": n, "mean": mean, "standard_error": se if math.isfinite(se) else None, "floor": floor,
+            "below_floor": mean + 2 * se < floor}
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
