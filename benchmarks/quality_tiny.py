@@ -89,6 +89,30 @@ def task_records(model, tok, task: str, size: int, device: str, rows: list[str])
     return out
 
 
+def f2(x: Any, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def auto_section(records: list[dict[str, Any]]) -> list[str]:
+    """The `cache.policy: auto` job (benchmarks/quality_auto.py) against the `none` job on the same mix."""
+    auto = [r for r in records if r["label"] == "auto (job)"]
+    if not auto:
+        return []
+    cal = auto[0]["calibration"]
+    worst = max(r["baseline_accuracy"] - r["accuracy"] for r in auto)
+    lines = ["", "## `cache.policy: auto` on the task mix", "",
+             f"One job over {sum(r['n'] for r in auto)} held-out rows of every task, shuffled "
+             "(`python benchmarks/quality_auto.py`), against a `none` job over the same rows: calibration on "
+             f"{cal['rows']} of them chose **{cal['winner']}** (floor: token agreement >= {cal['min_agreement']}). "
+             f"Largest per-task accuracy loss against `none`: {worst * 100:.1f} points.", "",
+             "| candidate | token agreement | tokens/s | FLOPs speedup | score (contains) | meets floor |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {e['candidate']} | {f2(e['token_agreement'], '.3f')} | {f2(e['tokens_per_s'], '.1f')} | "
+              f"{f2(e['flops_speedup'])} | {f2(e.get('score'))} | {'yes' if e['meets_floors'] else 'no'} |"
+              for e in cal["table"]]
+    return lines
+
+
 def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in records))
     keys = list(dict.fromkeys((r["label"], r["schedule"]) for r in records))
@@ -117,14 +141,14 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     for r in records:
         lines.append(f"| {r['task']} | {r['label']} | {r['schedule']} | {r['accuracy']:.2f} | "
                      f"{r['baseline_accuracy']:.2f} | {r['agreement']:.3f} | {r['nfe']:.1f} | "
-                     f"{r['flops_speedup']:.2f} | {r['flops_speedup_total']:.2f} | {r['measured_speedup']:.2f} | "
-                     f"{r['measured_cpu_speedup']:.2f} |")
+                     f"{r['flops_speedup']:.2f} | {r['flops_speedup_total']:.2f} | {f2(r['measured_speedup'])} | "
+                     f"{f2(r['measured_cpu_speedup'])} |")
     lines += ["", "`acc none` is policy none with the row's generation settings (for the d2cache default row: "
               "one block with the certainty prior). FLOPs x = the cache's gain alone (same steps); FLOPs x total "
               "= against none at one token per step; wall x = measured wall-clock ratio against the `none` run "
               "of the same settings on the same machine; CPU x = the same ratio of process CPU time, steadier than "
               "wall time when other jobs share the machine (as they did for this run).", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + auto_section(records)) + "\n"
 
 
 def main() -> None:
