@@ -4,15 +4,25 @@ Formats: Parquet, Arrow IPC/Feather, a Hugging Face `datasets` folder written by
 (one split: its Arrow stream files), and JSONL. A path may be a file, a folder (searched recursively
 for files of the format, hidden and `_`-prefixed names skipped) or a glob, local or on an object store.
 
-Ids. The `input.id_column` column when the data has it; otherwise a stable id is derived into that
-column: `<path of the file relative to the input root>#<0-based row index in the file>`
-(e.g. `shard-00001.parquet#42`). The root is the folder given, the folder part of a glob before its
-first wildcard, or the folder of a single file; so ids survive moving the data set as a whole but
-change when files are renamed or rows reordered. Duplicate ids are a validation error.
+Ids. The `input.id_column` column when the data has it, kept with its type and value (integer or
+string; one type per job: a mix is refused, naming the file and lines or files); otherwise a stable
+id is derived into that column: `<path of the file relative to the input root>#<0-based row index in
+the file>` (e.g. `shard-00001.parquet#42`). The root is the folder given, the folder part of a glob
+before its first wildcard, or the folder of a single file; so ids survive moving the data set as a
+whole but change when files are renamed or rows reordered. Duplicate ids are a validation error.
+
+JSONL. Each line is parsed on its own: a line that is not valid UTF-8, JSON or an object becomes an
+error row naming its 1-based line, or, when ids come from a column, refuses the job with the file,
+line and reason (the line has no id to write). A chat messages column may hold lists of {role,
+content} or their JSON text, and is read as JSON text. Other columns whose values mix types are kept
+as each value's JSON text. A Parquet or Arrow file that cannot be read refuses the job in one line
+naming the file and what to do.
 
 The driver scans ids once (`scan_input`): duplicate check, `input.limit`, and resume (ids already in
 the output). The result is a `ReadPlan` holding, per file, a bit mask of the rows still to run; the
-Ray Data read tasks (`InputDatasource`) read only those files and keep only those rows.
+Ray Data read tasks (`InputDatasource`) read only those files and keep only those rows. On resume a
+second mask marks the rows already written; `changed_ids` reads those in read tasks of their own,
+hashes their input, and returns the ids whose recorded `input_hash` differs (pipeline/resume.py).
 """
 from __future__ import annotations
 
@@ -671,8 +681,13 @@ def changed_ids(plan: ReadPlan, use_ray: bool = True) -> pa.Array:
     import ray
     import ray.data
 
-    ds = ray.data.read_datasource(_make_datasource(plan, check=True))
-    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    ctx = ray.data.DataContext.get_current()
+    bars, ctx.enable_progress_bars = ctx.enable_progress_bars, False  # a short pass; the job prints its own
+    try:
+        ds = ray.data.read_datasource(_make_datasource(plan, check=True))
+        tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    finally:
+        ctx.enable_progress_bars = bars
     return pa.concat_tables(tables).column("id").combine_chunks() if tables else pa.array([], pa.string())
 
 

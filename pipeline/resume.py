@@ -4,10 +4,10 @@ A row counts as done when its id is in the output (error rows too, unless `--ret
 its input is the one it was generated from. Each output row carries `input_hash` (the hash of its
 prompt or messages, pipeline/prompts.py); on resume the input rows of the done ids are read and
 hashed where they lie (Ray Data read tasks, only their prompt and id columns), and only the ids whose
-hash differs come back to the driver. Those rows are stale: they are removed from the output (each
-affected part is rewritten without them, the new part written before the old one is deleted, so a
-crash leaves a duplicate for the end-of-job repair, never a loss) and run again, so the finished
-output still holds every id exactly once, each generated from the current input.
+hash differs come back to the driver. Those rows are stale: `_SUCCESS` is removed, then the rows
+(each affected part is rewritten without them, the new part written before the old one is deleted,
+so a crash leaves a duplicate for the end-of-job repair, never a loss), and they run again, so the
+finished output still holds every id exactly once, each generated from the current input.
 
 Rows written by a version without `input_hash` (null) cannot be compared: they are kept as done and
 counted in the plan (`ReadPlan.unchecked_rows`); `output.on_existing: overwrite` regenerates them.
@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from . import fs as fsx
-from . import output
+from . import manifest, output
 from .io import InputScan, ReadPlan, changed_ids, plan_reads
 from .schema import conform
 
@@ -96,6 +96,7 @@ def plan_resume(scan: InputScan, out_uri: str, limit: Optional[int], retry_error
     removed = 0
     if len(changed):
         if apply:
+            manifest.clear_success(out_uri)  # the folder stops claiming completeness before a row leaves it
             removed = drop_rows(fs, d, scan.id_column, changed, schema)
         keep = pc.invert(pc.is_in(ids, value_set=changed))
         unchecked = plan.unchecked_rows

@@ -210,3 +210,68 @@ def test_output_columns_are_documented_from_their_declaration():
     m = re.search(r"<!-- columns:begin.*?-->\n(.*?)\n<!-- columns:end -->", doc, re.S)
     assert m, "docs/output.md lost its generated columns block"
     assert m.group(1) == columns_markdown(), "docs/output.md is stale: python -m pipeline.schema > the block"
+
+
+# ----------------------------------------------------------------------------- whole jobs
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from dllm_cache_core.models.tiny import write_tiny_checkpoint
+
+    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("models") / "llada", family="llada"))
+
+
+def _job(tiny, inp, out, **input_over):
+    from pipeline.spec import load_spec
+
+    return load_spec(data={
+        "name": "t", "model": {"path": tiny}, "input": {"path": inp, **input_over}, "output": {"path": out},
+        "generation": {"gen_length": 8, "block_length": 8}, "cache": "dual",
+        "compute": {"num_actors": 1, "batch_size": 4, "length_grouping": 1, "progress_interval_s": 1}})
+
+
+def _rows(out):
+    fs, d = fsx.resolve(out)
+    return output.read_output(fs, d)
+
+
+def test_job_keeps_integer_ids_and_regenerates_edited_prompts(ray_local, tiny, tmp_path):
+    from pipeline.runner import run
+
+    ids = [5, 6, 7]
+    rows = [{"id": i, "prompt": f"tell me about number {n}"} for n, i in enumerate(ids)]
+    inp, out = _jsonl(tmp_path / "in.jsonl", rows), str(tmp_path / "out")
+    first = run(_job(tiny, inp, out, id_column="id"), stream=io.StringIO())
+    assert first.status == "complete" and first.rows_run == 3
+    t = _rows(out)
+    assert t.schema.field("id").type == pa.int64() and sorted(t.column("id").to_pylist()) == ids
+    again = run(_job(tiny, inp, out, id_column="id"), stream=io.StringIO())
+    assert again.rows_run == 0 and again.rows_skipped == 3  # the resume converges
+
+    rows[1]["prompt"] = "an edited prompt"
+    _jsonl(tmp_path / "in.jsonl", rows)
+    log = io.StringIO()
+    edited = run(_job(tiny, inp, out, id_column="id"), stream=log)
+    assert edited.status == "complete" and edited.rows_run == 1, log.getvalue()
+    assert "input changed: 1 row(s)" in log.getvalue()
+    t = _rows(out).to_pylist()
+    assert sorted(r["id"] for r in t) == ids  # exactly once
+    by_id = {r["id"]: r for r in t}
+    assert by_id[ids[1]]["prompt"] == "an edited prompt"
+    assert all(r["input_hash"] == input_hash(r["prompt"], False) for r in t)
+
+
+def test_job_reads_jsonl_chat_messages_as_lists_and_json_text(ray_local, tiny, tmp_path):
+    from pipeline.runner import run
+
+    rows = [{"id": "l", "messages": CHAT}, {"id": "t\nu", "messages": json.dumps(CHAT)},
+            {"id": "abc", "messages": [{"role": "user", "content": "what is two plus two?"}]}]
+    inp, out = _jsonl(tmp_path / "chat.jsonl", rows), str(tmp_path / "out")
+    spec = _job(tiny, inp, out, messages_column="messages", id_column="id")
+    res = run(spec, stream=io.StringIO())
+    assert res.status == "complete" and res.errors == {}
+    t = {r["id"]: r for r in _rows(out).to_pylist()}
+    assert sorted(t) == ["abc", "l", "t\nu"]  # string ids as they were, not '"abc"'
+    assert t["l"]["generation_token_ids"] == t["t\nu"]["generation_token_ids"]  # one conversation, two shapes
+    assert t["l"]["input_hash"] == t["t\nu"]["input_hash"] == input_hash(CHAT, True)
+    assert json.loads(t["l"]["messages"]) == CHAT
+    assert run(spec, stream=io.StringIO()).rows_run == 0
