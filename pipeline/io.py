@@ -105,8 +105,12 @@ def _hf_disk_files(fs: pafs.FileSystem, path: str, uri: str) -> list[str]:
     state = fsx.join(path, "state.json")
     if not fsx.exists(fs, state):
         raise InputError(f"input.path={uri!r}: no state.json; not a folder written by datasets' save_to_disk")
-    with fs.open_input_stream(state) as f:
-        data_files = json.loads(f.read()).get("_data_files", [])
+    try:
+        with fs.open_input_stream(state) as f:
+            data_files = json.loads(f.read()).get("_data_files", [])
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise InputError(f"input.path={uri!r}: state.json is not the JSON that datasets' save_to_disk writes "
+                         f"({type(e).__name__}); save the split again") from None
     return [fsx.join(path, d["filename"]) for d in data_files]
 
 
@@ -295,6 +299,8 @@ def iter_file(fs: pafs.FileSystem, path: str, fmt: str, text_column: Optional[st
     try:
         if fmt == "parquet":
             pf = pq.ParquetFile(path, filesystem=fs)
+            if columns:
+                columns = [c for c in columns if c in pf.schema_arrow.names]  # columns other files add are filled later
             for b in pf.iter_batches(batch_size=CHUNK_ROWS, columns=columns):
                 yield with_err(pa.Table.from_batches([b]))
         elif fmt in ("arrow", "hf_disk"):
@@ -595,7 +601,7 @@ def check_file_task(plan: ReadPlan, task: FileTask) -> pa.Array:
         t = t.filter(pa.array(mask[offset:offset + t.num_rows]))
         if not t.num_rows:
             continue
-        if text is not None:
+        if text in t.column_names:
             col = t.column(text)
             values = (col if col.type == plan.schema.field(text).type else col.cast(plan.schema.field(text).type)).to_pylist()
         else:

@@ -40,14 +40,27 @@ class ResumePlan:
     """Of those, stale rows removed from the output (0 in a dry run)."""
 
 
+class OutputPartError(ValueError):
+    """An output part cannot be read; the message names it and what to do."""
+
+
+def _read_part(fs: pafs.FileSystem, path: str, columns: Optional[list[str]] = None) -> pa.Table:
+    try:
+        pf = pq.ParquetFile(path, filesystem=fs)
+        return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names] if columns else None)
+    except (pa.ArrowException, OSError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise OutputPartError(f"output part {path!r} cannot be read ({reason}); it is damaged: delete it and run "
+                              "again (its rows are generated again)") from None
+
+
 def done_rows(fs: pafs.FileSystem, out_dir: str, id_column: str, retry_errors: bool) -> tuple[pa.Array, pa.Array]:
     """(ids as strings, their `input_hash` or null) of the rows already in the output; with
     `retry_errors`, only rows without an error. Parts written before `input_hash` existed give nulls."""
     ids, hashes = [], []
     for info in output.list_parts(fs, out_dir):
-        names = pq.ParquetFile(info.path, filesystem=fs).schema_arrow.names
-        cols = [c for c in (id_column, "error_type", HASH_COLUMN) if c in names]
-        t = pq.read_table(info.path, filesystem=fs, columns=cols)
+        t = _read_part(fs, info.path, [id_column, "error_type", HASH_COLUMN])
+        names = t.column_names
         if retry_errors and "error_type" in names:
             t = t.filter(pc.is_null(t.column("error_type")))
         ids.append(pc.cast(t.column(id_column), pa.string()).combine_chunks())
@@ -64,7 +77,7 @@ def drop_rows(fs: pafs.FileSystem, out_dir: str, id_column: str, ids: pa.Array,
     without it (new part first, then the old one deleted). Returns the rows removed."""
     removed = 0
     for info in output.list_parts(fs, out_dir):
-        t = pq.read_table(info.path, filesystem=fs)
+        t = _read_part(fs, info.path)
         drop = pc.is_in(pc.cast(t.column(id_column), pa.string()), value_set=ids)
         n = int(pc.sum(drop).as_py() or 0)
         if not n:

@@ -21,7 +21,7 @@ from . import fs as fsx
 from . import manifest, output
 from .actor import ActorConfig, GenerationActor, build_engine
 from .io import InputError, InputScan, ReadPlan, list_input, plan_reads, read_dataset, scan_input
-from .resume import plan_resume
+from .resume import OutputPartError, plan_resume
 from .schema import output_schema
 from .spec import JobSpec
 
@@ -131,7 +131,7 @@ def resume_plan(spec: JobSpec, input_scan: InputScan, retry_errors: bool, stream
     try:
         return plan_resume(input_scan, spec.output.path, spec.input.limit, retry_errors, apply=apply,
                            schema=schema, stream=stream).plan
-    except InputError as e:
+    except (InputError, OutputPartError) as e:
         raise JobError(str(e)) from None
 
 

@@ -275,3 +275,21 @@ def test_job_reads_jsonl_chat_messages_as_lists_and_json_text(ray_local, tiny, t
     assert t["l"]["input_hash"] == t["t\nu"]["input_hash"] == input_hash(CHAT, True)
     assert json.loads(t["l"]["messages"]) == CHAT
     assert run(spec, stream=io.StringIO()).rows_run == 0
+
+
+def test_file_damaged_after_the_scan_and_damaged_output_part_are_named(tmp_path):
+    from pipeline.io import read_file_task
+    from pipeline.resume import OutputPartError
+
+    (tmp_path / "in").mkdir()
+    f = tmp_path / "in" / "a.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["x", "y"]}), f)
+    plan = plan_reads(_scan(str(tmp_path / "in")))
+    f.write_bytes(f.read_bytes()[:20])
+    with pytest.raises(InputError, match=r"a\.parquet' cannot be read as parquet .*replace it"):
+        list(read_file_task(plan, plan.files[0]))
+    fs, d = fsx.resolve(str(tmp_path / "out"))
+    fs.create_dir(d)
+    (tmp_path / "out" / "part-0.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(OutputPartError, match=r"part-0\.parquet' cannot be read .*delete it and run again"):
+        done_rows(fs, d, "id", False)
