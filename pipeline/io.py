@@ -169,7 +169,7 @@ def _encodable(v: Any) -> bool:
     return True
 
 
-def _jsonl_ids(name: str, values: list[Any], lines: list[int], errors: list[Optional[str]], where: str) -> pa.Array:
+def _jsonl_ids(name: str, values: list[Any], lines: list[int], where: str) -> pa.Array:
     """The id column: every id an integer, or every id a string, kept as it is (a mix is refused: no
     single type holds both without changing a value, and `1` and `"1"` would become one id)."""
     first: dict[str, tuple[int, Any]] = {}
@@ -263,7 +263,7 @@ def parse_jsonl(data: bytes, text_column: Optional[str] = None, *, messages: boo
     for k in names:
         values = [r.get(k) for r in rows]
         if k == id_column:
-            cols[k] = _jsonl_ids(k, values, lines, errors, where)
+            cols[k] = _jsonl_ids(k, values, lines, where)
         elif k == text_column and messages:
             cols[k] = _jsonl_messages(k, values, lines, errors)
         else:
@@ -534,8 +534,7 @@ def plan_reads(scan: InputScan, limit: Optional[int] = None, done_ids: Optional[
             check = pc.is_valid(old).to_numpy(zero_copy_only=False)
     tasks, start = [], 0
     for f, n in zip(scan.source.files, scan.counts):
-        m = np.concatenate([todo[start:start + n], np.zeros(max(0, start + n - len(todo)), dtype=bool)])
-        c = np.concatenate([check[start:start + n], np.zeros(max(0, start + n - len(check)), dtype=bool)])
+        m, c = _file_mask(todo, start, n), _file_mask(check, start, n)
         k, kc = int(m.sum()), int(c.sum())
         hashes = None
         if kc:
@@ -547,6 +546,12 @@ def plan_reads(scan: InputScan, limit: Optional[int] = None, done_ids: Optional[
     done = len(all_ids) - int(todo.sum())
     return ReadPlan(scan.source.fs, scan.source.format, tasks, scan.schema, scan.id_column, scan.derived_ids,
                     scan.text_column, all_ids, scan.messages, done - int(check.sum()) if done_hashes is not None else 0)
+
+
+def _file_mask(mask: np.ndarray, start: int, n: int) -> np.ndarray:
+    """One file's n rows of a mask over the selected rows; rows past input.limit are False."""
+    m = mask[start:start + n]
+    return np.concatenate([m, np.zeros(n - len(m), dtype=bool)])
 
 
 def _check_unique(ids: pa.Array, id_column: str) -> None:

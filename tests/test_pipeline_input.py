@@ -293,3 +293,14 @@ def test_file_damaged_after_the_scan_and_damaged_output_part_are_named(tmp_path)
     (tmp_path / "out" / "part-0.parquet").write_bytes(b"PAR1 truncated")
     with pytest.raises(OutputPartError, match=r"part-0\.parquet' cannot be read .*delete it and run again"):
         done_rows(fs, d, "id", False)
+
+
+def test_resume_masks_with_a_limit_that_ends_before_the_last_files(tmp_path):
+    (tmp_path / "in").mkdir()
+    for k in range(3):
+        pq.write_table(pa.table({"id": [f"{k}-{i}" for i in range(3)], "prompt": ["p"] * 3}), tmp_path / "in" / f"{k}.parquet")
+    scan = _scan(str(tmp_path / "in"))
+    plan = plan_reads(scan, 4, pa.array(["0-0", "1-0", "2-0"]), pa.array(["h", "h", "h"]))
+    assert [f.n_keep for f in plan.files] == [2, 0, 0] and [f.n_check for f in plan.files] == [1, 1, 0]
+    assert plan.todo_rows == 2 and plan.unchecked_rows == 0
+    assert [f.check_hashes.to_pylist() for f in plan.check_files] == [["h"], ["h"]]
