@@ -304,3 +304,12 @@ def test_resume_masks_with_a_limit_that_ends_before_the_last_files(tmp_path):
     assert [f.n_keep for f in plan.files] == [2, 0, 0] and [f.n_check for f in plan.files] == [1, 1, 0]
     assert plan.todo_rows == 2 and plan.unchecked_rows == 0
     assert [f.check_hashes.to_pylist() for f in plan.check_files] == [["h"], ["h"]]
+
+
+def test_run_figures_are_documented():
+    from pipeline.runner import RunResult
+
+    doc = (REPO / "docs" / "output.md").read_text()
+    block = re.search(r"<!-- run:begin -->\n(.*?)\n<!-- run:end -->", doc, re.S).group(1)
+    documented = re.findall(r"^\| `(\w+)` \|", block, re.M)
+    assert documented == list(RunResult("o", "complete", 0, 0, 0).to_dict()), "docs/output.md: run figures drifted"
