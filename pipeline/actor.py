@@ -80,7 +80,7 @@ def is_oom(e: BaseException) -> bool:
     try:
         import torch
 
-        if isinstance(e, (torch.cuda.OutOfMemoryError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))):
+        if isinstance(e, torch.cuda.OutOfMemoryError):
             return True
     except ImportError:
         pass
@@ -148,15 +148,18 @@ class GenerationActor:
         try:
             return self._generate(engine, prompts, ids)
         except Exception as e:  # noqa: BLE001
-            if is_oom(e):
-                _free_memory()
-                if len(prompts) == 1:
-                    return [RowResult.failed("oom", f"out of memory on a single row: {e}")]
-                h = len(prompts) // 2
-                return (self.run_chunk(prompts[:h], ids[:h], engine) + self.run_chunk(prompts[h:], ids[h:], engine))
+            oom, message, kind = is_oom(e), str(e), type(e).__name__
+        # past the except block the exception and its traceback are gone, and with them the frames that
+        # still held the failed call's tensors: only now can the halves get that memory back
+        if oom:
+            _free_memory()
             if len(prompts) == 1:
-                return [RowResult.failed("generation", f"{type(e).__name__}: {e}")]
-            return [r for p, i in zip(prompts, ids) for r in self.run_chunk([p], [i], engine)]
+                return [RowResult.failed("oom", f"out of memory on a single row: {message}")]
+            h = len(prompts) // 2
+            return self.run_chunk(prompts[:h], ids[:h], engine) + self.run_chunk(prompts[h:], ids[h:], engine)
+        if len(prompts) == 1:
+            return [RowResult.failed("generation", f"{kind}: {message}")]
+        return [r for p, i in zip(prompts, ids) for r in self.run_chunk([p], [i], engine)]
 
     def run_audit(self, prompts: Sequence[Any], ids: Sequence[str]) -> list[RowResult]:
         """The rows under the job's policy, then under `none`, back to back; wall-time ratio and token

@@ -313,3 +313,34 @@ def test_run_figures_are_documented():
     block = re.search(r"<!-- run:begin -->\n(.*?)\n<!-- run:end -->", doc, re.S).group(1)
     documented = re.findall(r"^\| `(\w+)` \|", block, re.M)
     assert documented == list(RunResult("o", "complete", 0, 0, 0).to_dict()), "docs/output.md: run figures drifted"
+
+
+def test_oom_halves_run_after_the_failed_call_is_released():
+    """The failed call's frames (holding its tensors in a real engine) are freed before the halves run."""
+    import gc
+    import weakref
+
+    from test_pipeline_actor import FakeEngine, _batch, _config
+
+    class Held:
+        pass
+
+    class Engine(FakeEngine):
+        def __init__(self):
+            super().__init__()
+            self.alive_at_retry: list[bool] = []
+            self.ref = None
+
+        def generate(self, prompts, row_ids=None, chat_template=False):
+            if len(prompts) > 1:
+                buffers = Held()  # what a real call holds while it runs
+                self.ref = weakref.ref(buffers)
+                raise MemoryError()
+            gc.collect()
+            self.alive_at_retry.append(self.ref() is not None)
+            return super().generate(prompts, row_ids, chat_template)
+
+    b = _batch(["aa", "bb"])
+    actor = GenerationActor(_config(output_schema(b.schema), lambda cfg: Engine(), batch_size=2))
+    assert actor(b).column("error_type").to_pylist() == [None, None]
+    assert actor.engine.alive_at_retry == [False, False]
