@@ -49,8 +49,9 @@ STATS: list[Column] = [
            "FLOPs of policy `none` at one token per step (`gen_length` full forwards, doubled under guidance) "
            "`/ flops`: cache and parallel decoding together."),
     Column("latency_s", pa.float64(),
-           "Seconds: the wall time of the engine call that ran this row × the row's share of that call's "
-           "`token_layers_computed` (so a call's rows sum to its wall time; not the time a user waited)."),
+           "Seconds: the wall time of the decoding loop that generated this row with the rest of its engine "
+           "call (batch) × the row's share of the batch's `token_layers_computed`; the rows of a batch sum to its "
+           "decoding time (tokenizing and queueing excluded)."),
     Column("finish_reason", pa.string(), "`stop` (a stop token ended the row), `length` (gen_length reached) or `error`."),
 ]
 OUTPUT: list[Column] = [
