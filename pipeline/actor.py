@@ -4,12 +4,14 @@ One instance per actor: the model is loaded once in __init__ (an object-store mo
 to the node's local disk). Each call receives batch_size x length_grouping rows, sorts them by prompt
 length and runs engine calls of batch_size rows, so rows of one call pad little. Rows in = rows out,
 in the input order. Nothing about a single row can fail the batch: bad input, engine row errors,
-out-of-memory (the call is split in halves and retried down to one row) and unexpected exceptions
-(the call is retried row by row) all become rows with `error`, `error_type` and finish_reason 'error'.
+out-of-memory on the GPU or the host (the call is split in halves and retried down to one row) and
+unexpected exceptions (the call is retried row by row) all become rows with `error`, `error_type`
+and finish_reason 'error'.
+Every row also gets `input_hash` (pipeline/prompts.py), which resume compares with the input.
 """
 from __future__ import annotations
 
-import json
+import gc
 import os
 import socket
 import time
@@ -19,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import pyarrow as pa
 
 from .audit import is_audited
+from .prompts import input_hash, normalize_messages, prompt_length, prompt_of  # noqa: F401  (re-exported)
 from .schema import INPUT_ERROR, INTERNAL_PREFIX, STATS_COLUMNS, conform
 from dllm_cache_core.scoring import get_scorer, score_row
 
@@ -68,7 +71,15 @@ def reference_engine(engine: Any) -> Any:
     return engine.with_cache("none")
 
 
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate memory")
+"""Lower-cased fragments of allocator failures: CUDA ("CUDA out of memory"), torch's CPU allocator
+("DefaultCPUAllocator: can't allocate memory"), errno 12 ("Cannot allocate memory")."""
+
+
 def is_oom(e: BaseException) -> bool:
+    """True for GPU and CPU out-of-memory failures: both are cured by a smaller engine call."""
+    if isinstance(e, MemoryError):
+        return True
     try:
         import torch
 
@@ -76,7 +87,7 @@ def is_oom(e: BaseException) -> bool:
             return True
     except ImportError:
         pass
-    return isinstance(e, (RuntimeError, MemoryError)) and "out of memory" in str(e).lower()
+    return isinstance(e, (RuntimeError, OSError)) and any(m in str(e).lower() for m in OOM_MESSAGES)
 
 
 @dataclass
@@ -98,56 +109,6 @@ class RowResult:
         if out.error is not None or out.error_type is not None:
             return cls.failed(out.error_type or "generation", out.error or "generation failed")
         return cls(text=out.text, token_ids=list(out.token_ids), stats=out.stats.to_dict() if out.stats else None)
-
-
-# ----------------------------------------------------------------------------- prompts
-def _text(v: Any, what: str) -> str:
-    if isinstance(v, bytes):
-        try:
-            return v.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"{what} is not valid UTF-8") from None
-    if not isinstance(v, str):
-        raise ValueError(f"{what} is {type(v).__name__}, expected a string")
-    return v
-
-
-def normalize_messages(value: Any) -> list[dict[str, str]]:
-    """Chat messages as [{role, content}] with text values; ValueError says what is wrong."""
-    if isinstance(value, (str, bytes)):
-        try:
-            value = json.loads(_text(value, "messages"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"messages is text but not JSON ({e.msg})") from None
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"messages is {type(value).__name__}, expected a list of {{role, content}}")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"messages[{i}] is not a {{role, content}} mapping")
-        out.append({"role": _text(m["role"], f"messages[{i}].role"),
-                    "content": _text(m["content"], f"messages[{i}].content")})
-    return out
-
-
-def prompt_of(row_value: Any, is_messages: bool) -> Any:
-    """The engine input for one row; ValueError for malformed input (-> error_type bad_input)."""
-    if row_value is None:
-        return None  # the engine reports empty_prompt
-    if is_messages:
-        return normalize_messages(row_value)
-    if isinstance(row_value, bytes):
-        return _text(row_value, "prompt")
-    return row_value  # strings, and anything else for the engine to judge
-
-
-def prompt_length(p: Any) -> int:
-    """Characters, as a cheap proxy for tokens when grouping rows by length."""
-    if isinstance(p, str):
-        return len(p)
-    if isinstance(p, list):
-        return sum(len(m.get("content", "")) for m in p if isinstance(m, dict))
-    return 0
 
 
 # ----------------------------------------------------------------------------- actor
@@ -190,15 +151,18 @@ class GenerationActor:
         try:
             return self._generate(engine, prompts, ids)
         except Exception as e:  # noqa: BLE001
-            if is_oom(e):
-                _free_cuda()
-                if len(prompts) == 1:
-                    return [RowResult.failed("oom", f"out of memory on a single row: {e}")]
-                h = len(prompts) // 2
-                return (self.run_chunk(prompts[:h], ids[:h], engine) + self.run_chunk(prompts[h:], ids[h:], engine))
+            oom, message, kind = is_oom(e), str(e), type(e).__name__
+        # past the except block the exception and its traceback are gone, and with them the frames that
+        # still held the failed call's tensors: only now can the halves get that memory back
+        if oom:
+            _free_memory()
             if len(prompts) == 1:
-                return [RowResult.failed("generation", f"{type(e).__name__}: {e}")]
-            return [r for p, i in zip(prompts, ids) for r in self.run_chunk([p], [i], engine)]
+                return [RowResult.failed("oom", f"out of memory on a single row: {message}")]
+            h = len(prompts) // 2
+            return self.run_chunk(prompts[:h], ids[:h], engine) + self.run_chunk(prompts[h:], ids[h:], engine)
+        if len(prompts) == 1:
+            return [RowResult.failed("generation", f"{kind}: {message}")]
+        return [r for p, i in zip(prompts, ids) for r in self.run_chunk([p], [i], engine)]
 
     def run_audit(self, prompts: Sequence[Any], ids: Sequence[str]) -> list[RowResult]:
         """The rows under the job's policy, then under `none`, back to back; wall-time ratio and token
@@ -247,13 +211,15 @@ class GenerationActor:
                 rows = group[s:s + cfg.batch_size]
                 for i, r in zip(rows, runner([prompts[i] for i in rows], [ids[i] for i in rows])):
                     results[i] = r
-        table = self._to_table(batch, results)
+        hashes = [input_hash(v, cfg.messages_column is not None) for v in raw]
+        table = self._to_table(batch, results, hashes)
         self._report(results, self.engine_s - engine_before)
         return table
 
-    def _to_table(self, batch: pa.Table, results: list[RowResult]) -> pa.Table:
+    def _to_table(self, batch: pa.Table, results: list[RowResult], hashes: list[str]) -> pa.Table:
         cfg = self.cfg
         cols: dict[str, Any] = {c: batch.column(c) for c in batch.column_names if not c.startswith(INTERNAL_PREFIX)}
+        cols["input_hash"] = hashes
         cols["generation"] = [r.text for r in results]
         cols["generation_token_ids"] = [r.token_ids for r in results]
         for s in STATS_COLUMNS:
@@ -288,7 +254,9 @@ class GenerationActor:
                                         worker=self.worker, spans=spans)
 
 
-def _free_cuda() -> None:
+def _free_memory() -> None:
+    """Give back what the failed call held before its halves run (host objects, then CUDA's cache)."""
+    gc.collect()
     try:
         import torch
 

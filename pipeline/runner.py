@@ -22,6 +22,7 @@ from . import fs as fsx
 from . import manifest, output
 from .actor import ActorConfig, GenerationActor
 from .io import InputError, InputScan, ReadPlan, list_input, plan_reads, read_dataset, scan_input
+from .resume import OutputPartError, plan_resume
 from .schema import output_schema
 from .spec import JobSpec
 
@@ -101,7 +102,8 @@ def scan(spec: JobSpec) -> InputScan:
     try:
         source = list_input(spec.input.path, spec.input.format)
         return scan_input(source, spec.input.id_column, "id_column" in spec.input.model_fields_set,
-                          spec.input.messages_column or spec.input.prompt_column, required_columns(spec))
+                          spec.input.messages_column or spec.input.prompt_column, required_columns(spec),
+                          messages=spec.input.messages_column is not None)
     except InputError as e:
         raise JobError(str(e)) from None
 
@@ -120,6 +122,17 @@ def make_plan(spec: JobSpec, input_scan: InputScan, done: Optional[pa.Array]) ->
     try:
         return plan_reads(input_scan, spec.input.limit, done)
     except InputError as e:
+        raise JobError(str(e)) from None
+
+
+def resume_plan(spec: JobSpec, input_scan: InputScan, retry_errors: bool, stream: TextIO, apply: bool = True,
+                schema: Optional[pa.Schema] = None) -> ReadPlan:
+    """The plan over an existing output: rows not written yet, and rows whose input changed since they
+    were written (their stale rows removed when `apply`): pipeline/resume.py."""
+    try:
+        return plan_resume(input_scan, spec.output.path, spec.input.limit, retry_errors, apply=apply,
+                           schema=schema, stream=stream).plan
+    except (InputError, OutputPartError) as e:
         raise JobError(str(e)) from None
 
 
@@ -147,8 +160,8 @@ def dry_run(spec: JobSpec, stream: TextIO = sys.stdout) -> ReadPlan:
     """Print the resolved spec and the plan; touches neither Ray nor the model."""
     input_scan = scan(spec)
     job, parts = existing_output(spec)
-    done = done_ids(spec, False) if parts and spec.output.on_existing == "resume" else None
-    plan = make_plan(spec, input_scan, done)
+    resuming = parts and spec.output.on_existing == "resume"
+    plan = resume_plan(spec, input_scan, False, stream, apply=False) if resuming else make_plan(spec, input_scan, None)
     print("# resolved job spec", file=stream)
     print(spec.to_yaml(), file=stream)
     print("# plan", file=stream)
@@ -324,8 +337,7 @@ def run(spec: JobSpec, retry_errors: bool = False, stream: TextIO = sys.stderr, 
         remove_output(out)
         job, parts = None, 0
     _check_fingerprint(spec, job, fp, components)
-    done = done_ids(spec, retry_errors) if parts else None
-    plan = make_plan(spec, input_scan, done)
+    plan = resume_plan(spec, input_scan, retry_errors, stream, schema=schema) if parts else make_plan(spec, input_scan, None)
     print(describe_plan(spec, plan, job, parts), file=stream, flush=True)
     started = manifest.now()
     record = {"name": spec.name, "status": "running", "fingerprint": fp, "fingerprint_components": components,
