@@ -437,10 +437,12 @@ def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO, outp
     from ray.data import ActorPoolStrategy, DataContext
 
     from .progress import ProgressMonitor, ProgressTracker, pool_ready_s
+    from .quiet import filtered_stderr, quiet_ray
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # ours below says more (tokens/s, errors, ETA)
     ctx.wait_for_min_actors_s = 600
+    quiet_ray()
     tracker = ray.remote(num_cpus=0)(ProgressTracker).remote()
     cfg = actor_config(spec, progress=tracker, **cfg_args)
     c = spec.compute
@@ -463,7 +465,7 @@ def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO, outp
                               interval_s=c.progress_interval_s, stream=stream,
                               final_fetch=lambda: ray.get(tracker.snapshot.remote(actors=True), timeout=10))
     try:
-        with monitor:
+        with monitor, filtered_stderr():
             ds.write_datasink(sink)
     except Exception as e:  # noqa: BLE001
         raise JobError(f"the Ray Data pipeline failed: {type(e).__name__}: {e}. Rows written so far are kept; "
