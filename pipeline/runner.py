@@ -157,11 +157,6 @@ def output_state(spec: JobSpec) -> OutputState:
     return OutputState(job, output_id, ours, foreign)
 
 
-def existing_output(spec: JobSpec) -> tuple[Optional[dict], int]:
-    st = output_state(spec)
-    return st.job, st.parts + len(st.foreign)
-
-
 def done_ids(spec: JobSpec, retry_errors: bool) -> pa.Array:
     fs, d = fsx.resolve(spec.output.path)
     try:
@@ -549,6 +544,9 @@ def _run_leased(spec: JobSpec, retry_errors: bool, stream: TextIO, engine_factor
     except output.OutputError as e:
         _record_end(out, record, "failed", str(e))
         raise JobError(str(e)) from None
+    except Exception as e:
+        _record_end(out, record, "failed", f"{type(e).__name__}: {e}")
+        raise
 
 
 def _record_end(out: str, record: dict, status: str, error: str) -> None:
