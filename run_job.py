@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retry-errors", action="store_true", help="re-run rows whose output has an error")
     args = ap.parse_args(argv)
 
-    from pipeline.runner import JobError, JobInterrupted, dry_run, run
+    from pipeline.runner import JobError, JobInterrupted, dry_run, precheck, run
     from pipeline.spec import SpecError, load_spec
 
     try:
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ERROR: job {spec.name!r} would not run: {e}", file=sys.stderr)
                 return 1
             return 0
+        precheck(spec)  # refusals that need no cluster come before starting one
         autoscaler = init_ray(spec.compute.local_num_cpus)
         result = run(spec, retry_errors=args.retry_errors, autoscaler=autoscaler)
     except JobInterrupted as e:

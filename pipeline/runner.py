@@ -241,13 +241,8 @@ def dry_run(spec: JobSpec, stream: TextIO = sys.stdout) -> ReadPlan:
     """Print the resolved spec and the plan after the checks the real run makes before any work (paths,
     lease, on_existing, input, resources, model config, fingerprint); JobError where the run would refuse.
     Reads the model's config and file hashes, loads no weights, starts no pipeline."""
-    check_paths(spec)
-    lease = Lease(spec.output.path, spec.name)
-    owner = lease.check() if fsx.exists(lease.fs, lease.dir) else None
-    if owner is not None:
-        raise JobError(str(LeaseHeld(spec.output.path, owner, lease.stale_s)))
+    precheck(spec)
     st = output_state(spec)
-    _refuse_existing(spec, st)
     input_scan = scan(spec)
     if os.environ.get("RAY_ADDRESS"):
         import ray
@@ -470,6 +465,17 @@ def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO, outp
         snap = monitor.stop()
         ray.kill(tracker)
     return wall, {**asdict(snap), "pool_ready_s": pool_ready_s(snap.actors, t0, c.num_actors)}
+
+
+def precheck(spec: JobSpec) -> None:
+    """The checks that need neither Ray nor the model (paths, the lease, the output folder's state), so
+    that a run that must refuse does so before starting a cluster. `run` makes them again."""
+    check_paths(spec)
+    lease = Lease(spec.output.path, spec.name)
+    owner = lease.check() if fsx.exists(lease.fs, lease.dir) else None
+    if owner is not None:
+        raise JobError(str(LeaseHeld(spec.output.path, owner, lease.stale_s)))
+    _refuse_existing(spec, output_state(spec))
 
 
 def run(spec: JobSpec, retry_errors: bool = False, stream: TextIO = sys.stderr, engine_factory=None,

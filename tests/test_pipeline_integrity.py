@@ -312,10 +312,10 @@ def test_a_no_op_rerun_keeps_the_finished_runs_figures(ray_local, tiny, tmp_path
 N_KILL = 16
 
 
-def _kill_job(tmp_path: Path, tiny: str) -> tuple[Path, Path]:
+def _kill_job(tmp_path: Path, tiny: str, gen_length: int = 128) -> tuple[Path, Path]:
     inp = _jsonl(tmp_path / "prompts.jsonl", _rows(N_KILL))
     out = tmp_path / "out"
-    spec = _data(tiny, inp, str(out), generation={"gen_length": 128, "block_length": 32, "stop_at_eos": False},
+    spec = _data(tiny, inp, str(out), generation={"gen_length": gen_length, "block_length": 32, "stop_at_eos": False},
                  compute={"num_actors": 1, "batch_size": 2, "length_grouping": 1, "progress_interval_s": 1,
                           "local_num_cpus": 2})
     p = tmp_path / "job.yaml"
@@ -375,10 +375,13 @@ def _assert_exactly_once(out: Path) -> None:
 
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny, tmp_path):
     """run_job.py with its default local Ray: SIGINT mid-run, then the same command again."""
-    spec, out = _kill_job(tmp_path, tiny)
+    spec, out = _kill_job(tmp_path, tiny, gen_length=384)  # slow enough for a second run to find it running
     log = tmp_path / "run1.log"
     proc = _start(spec, log, _local_env())
     _wait_parts(out, proc, log)
+    second = _cli(str(spec), env=_local_env(), timeout=120)  # 2. a second run while the first writes
+    assert second.returncode == 1 and "being written by job 'integrity'" in second.stderr, second.stderr[-2000:]
+    assert "Started a local Ray" not in second.stderr  # refused before starting a cluster
     os.kill(proc.pid, signal.SIGINT)
     rc = proc.wait(timeout=120)
     text = log.read_text()
