@@ -1,29 +1,41 @@
 """Run a batch generation job: `python run_job.py JOB.yaml [key=value ...] [--dry-run] [--retry-errors]`.
 
 Joins the cluster in RAY_ADDRESS (as under `ray job submit`), else starts a local Ray.
-Exit codes: 0 done (a WARNING line when some rows have errors); 1 the job failed or every row
-errored; 2 the spec or the command line is invalid.
+Exit codes: 0 done (a WARNING line when some rows have errors); 1 the job failed, every row
+errored, or (--dry-run) the run would refuse; 2 the spec or the command line is invalid;
+130 interrupted (Ctrl-C or SIGTERM: rows written so far are kept, the same command resumes).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
 
 
-def init_ray(local_num_cpus: int | None) -> None:
-    """Join RAY_ADDRESS when set; otherwise start a local instance whose workers can import this repo."""
+def init_ray(local_num_cpus: int | None) -> bool | None:
+    """Join RAY_ADDRESS when set; otherwise start a local instance whose workers can import this repo.
+    Returns whether an autoscaler may add nodes: False for the local instance, None (unknown) otherwise."""
     import ray
 
+    from pipeline.quiet import quiet_ray
+
+    quiet_ray()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-        return
+        return None
     paths = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     ray.init(address="local", num_cpus=local_num_cpus, include_dashboard=False)
+    return False
+
+
+def _sigterm(signum, frame) -> None:
+    """SIGTERM (`ray job stop`, a scheduler) stops the job like Ctrl-C."""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--retry-errors", action="store_true", help="re-run rows whose output has an error")
     args = ap.parse_args(argv)
 
-    from pipeline.runner import JobError, dry_run, run
+    from pipeline.runner import JobError, JobInterrupted, dry_run, precheck, run
     from pipeline.spec import SpecError, load_spec
 
     try:
@@ -42,12 +54,24 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _sigterm)
     try:
         if args.dry_run:
-            dry_run(spec)
+            try:
+                dry_run(spec)
+            except JobError as e:
+                print(f"ERROR: job {spec.name!r} would not run: {e}", file=sys.stderr)
+                return 1
             return 0
-        init_ray(spec.compute.local_num_cpus)
-        result = run(spec, retry_errors=args.retry_errors)
+        precheck(spec)  # refusals that need no cluster come before starting one
+        autoscaler = init_ray(spec.compute.local_num_cpus)
+        result = run(spec, retry_errors=args.retry_errors, autoscaler=autoscaler)
+    except JobInterrupted as e:
+        print(f"\njob {spec.name!r} {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"\njob {spec.name!r} interrupted before it started writing; nothing was written", file=sys.stderr)
+        return 130
     except JobError as e:
         print(f"ERROR: job {spec.name!r} failed: {e}", file=sys.stderr)
         return 1

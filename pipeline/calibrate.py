@@ -173,7 +173,7 @@ def score_table(results: pa.Table, caches: list[dict[str, Any]], id_col: str, sc
 
 
 def write_winner(spec: JobSpec, results: pa.Table, winner: int, caches: list[dict[str, Any]],
-                 schema: pa.Schema) -> int:
+                 schema: pa.Schema, output_id: str) -> int:
     """The sample rows under the winner, with the `none` run as their audit, as one output part."""
     from dllm_cache_core import token_agreement
 
@@ -198,11 +198,12 @@ def write_winner(spec: JobSpec, results: pa.Table, winner: int, caches: list[dic
     won = won.set_column(won.column_names.index("audit_speedup"), "audit_speedup", pa.array(speed, pa.float64()))
     fs, d = fsx.resolve(spec.output.path)
     fs.create_dir(d, recursive=True)
-    output.write_part(fs, d, conform(won, schema), id_col)
+    output.write_part(fs, d, conform(won, schema), id_col, output_id)
     return won.num_rows
 
 
-def calibrate(spec: JobSpec, plan: ReadPlan, cfg: ActorConfig, schema: pa.Schema, stream: TextIO) -> dict[str, Any]:
+def calibrate(spec: JobSpec, plan: ReadPlan, cfg: ActorConfig, schema: pa.Schema, stream: TextIO,
+              output_id: str) -> dict[str, Any]:
     """Run the calibration and write its rows; returns the record kept in `_job.json`."""
     cal = spec.calibration
     caches = candidates(spec)
@@ -213,7 +214,7 @@ def calibrate(spec: JobSpec, plan: ReadPlan, cfg: ActorConfig, schema: pa.Schema
     results = measure(spec, sample, cfg, caches)
     table, winner = score_table(results, caches, spec.input.id_column, spec.evaluation is not None,
                                 cal.min_agreement, cal.min_score_ratio)
-    written = write_winner(spec, results, winner, caches, schema)
+    written = write_winner(spec, results, winner, caches, schema, output_id)
     for e in table:
         print(f"  {e['candidate']:<32} agreement {_fmt(e['token_agreement'])}  tokens/s {_fmt(e['tokens_per_s'])}"
               f"  flops x{_fmt(e['flops_speedup'])}" + (f"  score {_fmt(e.get('score'))}" if 'score' in e else "")

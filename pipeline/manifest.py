@@ -14,6 +14,7 @@ import hashlib
 import json
 import platform
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +23,15 @@ from .spec import JobSpec
 
 JOB_FILE = "_job.json"
 SUCCESS_FILE = "_SUCCESS"
+
+
+class ManifestError(RuntimeError):
+    """`_job.json` exists but cannot be read; the message names the file and what to do."""
+
+
+def new_output_id() -> str:
+    """The id that names every part a job writes into a folder (kept across resumes)."""
+    return uuid.uuid4().hex[:12]
 
 
 def fingerprint_components(spec: JobSpec, model_hash: str) -> dict[str, Any]:
@@ -84,7 +94,17 @@ def read_job(out_uri: str) -> Optional[dict[str, Any]]:
     if not fsx.exists(fs, path):
         return None
     with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
+        data = f.read()
+    try:
+        job = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path} is not valid JSON ({e.__class__.__name__} at byte {getattr(e, 'pos', '?')}: "
+                            "truncated or edited?), so the output beside it cannot be checked; delete that folder's "
+                            "output (or move it away) and run again, or choose a new output.path") from None
+    if not isinstance(job, dict):
+        raise ManifestError(f"{path} holds {type(job).__name__}, not a job record; delete that folder's output "
+                            "(or move it away) and run again, or choose a new output.path")
+    return job
 
 
 def write_job(out_uri: str, record: dict[str, Any]) -> None:

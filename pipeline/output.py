@@ -1,16 +1,23 @@
 """The output folder: atomic Parquet parts named by their ids, reading them back, and the exactly-once repair.
 
-Layout: `part-<sha256 of the sorted ids, 20 hex>.parquet` parts, `_job.json`, `_SUCCESS`, the report.
-A part is written under a hidden temporary name and renamed, so a reader never sees half a part; a
-re-run that writes the same ids writes the same name (idempotent). Rows are never deleted before
-their replacement is on disk, so a crash can leave a duplicate id but never lose one;
-`deduplicate` (run at the end of every job) removes such duplicates: per id it keeps a row without
-error if there is one, else the row of the newest part.
+Layout: `part-<output id>-<hash of the ids>.parquet` parts, `_job.json`, `_SUCCESS`, `_lease.json`
+while a job runs, the report. The output id is minted when a job first writes the folder (kept in
+`_job.json`, the same across resumes, new after an overwrite), so a part names the job that wrote it
+even when that job crashed before recording it. The hash is a sha256 over the sorted ids, each
+prefixed by its length, so two different id sets never share a name (`a`,`b` vs `a\nb`).
+
+A part is written under a hidden temporary name and renamed without replacing anything: a name that
+is taken (the same ids written again: a retried write task, `--retry-errors`) gets a `-<n>` suffix,
+so a finished part is never overwritten. Rows are never deleted before their replacement is on
+disk, so a crash can leave a duplicate id but never lose one; `deduplicate` (run at the end of every
+job) removes such duplicates: per id it keeps a row without error if there is one, else the row of
+the newest part.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -26,19 +33,38 @@ PART_PREFIX = "part-"
 PART_SUFFIX = ".parquet"
 
 
-def part_name(ids: Iterable[str]) -> str:
-    h = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:20]
-    return f"{PART_PREFIX}{h}{PART_SUFFIX}"
+class OutputError(RuntimeError):
+    """An output file cannot be read; the message names the file and what to do."""
 
 
-def write_part(fs: pafs.FileSystem, out_dir: str, table: pa.Table, id_column: str) -> str:
-    """Write `table` atomically as one part; returns the part's file name."""
+def ids_hash(ids: Iterable[str]) -> str:
+    """sha256 over the sorted ids, each as `<byte length>:<utf-8 bytes>`: no separator to collide on."""
+    h = hashlib.sha256()
+    for i in sorted(ids):
+        b = i.encode("utf-8", "surrogatepass")
+        h.update(b"%d:" % len(b))
+        h.update(b)
+    return h.hexdigest()[:20]
+
+
+def part_name(ids: Iterable[str], output_id: str = "", suffix: int = 0) -> str:
+    stem = f"{PART_PREFIX}{output_id + '-' if output_id else ''}{ids_hash(ids)}"
+    return f"{stem}-{suffix}{PART_SUFFIX}" if suffix else f"{stem}{PART_SUFFIX}"
+
+
+def is_ours(name: str, output_id: str) -> bool:
+    """A part (or its temporary file) written under this output id."""
+    return bool(output_id) and name.lstrip(".").startswith(f"{PART_PREFIX}{output_id}-")
+
+
+def write_part(fs: pafs.FileSystem, out_dir: str, table: pa.Table, id_column: str, output_id: str = "") -> str:
+    """Write `table` atomically as one new part (never replacing one); returns the part's file name."""
     ids = pc.cast(table.column(id_column), pa.string()).to_pylist()
-    name = part_name(ids)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    fsx.write_bytes_atomic(fs, fsx.join(out_dir, name), buf.getvalue())
-    return name
+    names = (fsx.join(out_dir, part_name(ids, output_id, n)) for n in itertools.count(1))
+    path = fsx.write_bytes_new(fs, fsx.join(out_dir, part_name(ids, output_id)), buf.getvalue(), names)
+    return path.rsplit("/", 1)[1]
 
 
 def list_parts(fs: pafs.FileSystem, out_dir: str) -> list[pafs.FileInfo]:
@@ -50,12 +76,23 @@ def list_parts(fs: pafs.FileSystem, out_dir: str) -> list[pafs.FileInfo]:
     return sorted(parts, key=lambda i: i.base_name)
 
 
+def read_part(fs: pafs.FileSystem, path: str, columns: Optional[list[str]] = None) -> pa.Table:
+    """One part; OutputError naming the file when it is not readable Parquet (truncated, foreign)."""
+    try:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowInvalid, OSError) as e:
+        raise OutputError(f"output part {path} is not a readable Parquet file ({str(e).splitlines()[0]}); "
+                          "delete that file and run the same command again: its rows are generated again") from None
+
+
 def read_output(fs: pafs.FileSystem, out_dir: str, columns: Optional[list[str]] = None,
                 with_part: bool = False) -> Optional[pa.Table]:
     """All parts as one table (None when there are none); `with_part` adds `__part` and `__mtime`."""
     tables = []
     for info in list_parts(fs, out_dir):
-        t = pq.read_table(info.path, filesystem=fs, columns=columns)
+        t = read_part(fs, info.path, columns)
         if with_part:
             t = t.append_column("__part", pa.array([info.base_name] * t.num_rows, pa.string()))
             mtime = info.mtime.timestamp() if info.mtime else 0.0
@@ -82,7 +119,8 @@ class DedupeResult:
     parts_rewritten: int
 
 
-def deduplicate(fs: pafs.FileSystem, out_dir: str, id_column: str, schema: Optional[pa.Schema] = None) -> DedupeResult:
+def deduplicate(fs: pafs.FileSystem, out_dir: str, id_column: str, schema: Optional[pa.Schema] = None,
+                output_id: str = "") -> DedupeResult:
     """Make every id appear once: rewrite (new part first, then delete the old one) the parts that
     hold losing copies. Idempotent; a crash midway leaves duplicates that the next call removes."""
     t = read_output(fs, out_dir, columns=[id_column, "error_type"], with_part=True)
@@ -103,22 +141,20 @@ def deduplicate(fs: pafs.FileSystem, out_dir: str, id_column: str, schema: Optio
             drop.setdefault(parts[i], set()).add(key)
     for part, drop_ids in drop.items():
         path = fsx.join(out_dir, part)
-        old = pq.read_table(path, filesystem=fs)
+        old = read_part(fs, path)
         keep = pc.invert(pc.is_in(pc.cast(old.column(id_column), pa.string()), value_set=pa.array(sorted(drop_ids))))
         new = old.filter(keep)
         if schema is not None:
             new = conform(new, schema)
         if new.num_rows:
-            name = write_part(fs, out_dir, new, id_column)
-            if name == part:
-                continue
+            write_part(fs, out_dir, new, id_column, output_id)
         fs.delete_file(path)
     return DedupeResult(sum(len(v) for v in drop.values()), len(drop))
 
 
-def make_datasink(out_uri: str, schema: pa.Schema, id_column: str, min_rows: int):
+def make_datasink(out_uri: str, schema: pa.Schema, id_column: str, min_rows: int, output_id: str = ""):
     """A Ray Data Datasink writing each write task's rows as one atomic part (>= min_rows rows,
-    except the last ones)."""
+    except the last ones), named under `output_id`."""
     from ray.data.block import BlockAccessor
     from ray.data.datasource import Datasink
 
@@ -128,6 +164,7 @@ def make_datasink(out_uri: str, schema: pa.Schema, id_column: str, min_rows: int
             self.schema = schema
             self.id_column = id_column
             self.min_rows = min_rows
+            self.output_id = output_id
 
         @property
         def min_rows_per_write(self) -> Optional[int]:
@@ -143,6 +180,6 @@ def make_datasink(out_uri: str, schema: pa.Schema, id_column: str, min_rows: int
             if not tables:
                 return []
             table = pa.concat_tables(tables)
-            return [write_part(fs, out_dir, table, self.id_column)]
+            return [write_part(fs, out_dir, table, self.id_column, self.output_id)]
 
     return PartDatasink()

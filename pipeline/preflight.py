@@ -73,11 +73,11 @@ def local_gpu_memory() -> Optional[list[int]]:
 
 
 def cluster_gpu_memory(gpus_per_actor: float) -> Optional[int]:
-    """The smallest GPU an actor may get: this machine's when it is the only node, else a small Ray task
-    on a GPU node asks nvidia-smi there."""
+    """The smallest GPU an actor may get: this machine's when it is the only node (or no Ray is up, as
+    in a dry run), else a small Ray task on a GPU node asks nvidia-smi there."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = [n for n in ray.nodes() if n.get("Alive")] if ray.is_initialized() else []
     if len(nodes) <= 1:
         mem = local_gpu_memory()
     else:

@@ -30,6 +30,13 @@ PLOTS = {
     "audit_agreement": "plots/audit_agreement.png",
     "calibration": "plots/calibration.png",
 }
+
+
+def report_files() -> list[str]:
+    """Every file `write_report` writes, relative to the report folder (what an overwrite may delete)."""
+    return ["report.json", "report.md", *PLOTS.values()]
+
+
 _COLUMNS = ["num_prompt_tokens", "num_generated_tokens", "tokens_per_step", "flops_speedup", "flops_speedup_total",
             "latency_s", "finish_reason", "error_type", "cache_policy", "audit_speedup", "audit_token_agreement",
             "score", "extracted_answer"]

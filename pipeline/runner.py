@@ -1,14 +1,24 @@
 """Runs one validated JobSpec: plan, checks, Ray Data pipeline, exactly-once finalisation, report.
 
-Order (every check before any generation): the output folder's state (on_existing), the input scan
-(ids, columns), the model checked in the driver without its weights (config, tokenizer, safetensors
-headers, size against the GPUs: a model that would fail to load fails the job once, with the loader's
-message), the fingerprint against `_job.json`,
+Order (every check before any generation): input and output are different places (real paths), the
+output folder's lease (one writer per folder), the output folder's state (on_existing; part files no
+job of this folder wrote are refused, never read or deleted), the input scan (ids, columns), the
+cluster's resources, the model checked in the driver without its weights (config, tokenizer,
+safetensors headers, size against the GPUs: a model that would fail to load fails the job once, with
+the loader's message), the fingerprint against `_job.json`,
 resume (ids already written are not read again), then read -> GenerationActor pool -> atomic parts,
 then duplicates repaired, every input id checked present exactly once, `_SUCCESS` and the report.
+`dry_run` makes the same checks without Ray's pipeline or a model load.
+
+Overwrite removes only what this project wrote into the folder: the parts named under the output
+id recorded in `_job.json` (or listed in its `files`), their temporary files, `_job.json`, `_SUCCESS`
+and the report's own files. Ctrl-C (or SIGTERM) stops the job with `_job.json` at `interrupted`; the
+rows written so far are kept and the same command resumes.
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
 import time
 import warnings
@@ -20,6 +30,7 @@ import pyarrow.compute as pc
 
 from . import fs as fsx
 from . import manifest, output
+from .lease import Lease, LeaseHeld
 from .actor import ActorConfig, GenerationActor
 from .io import InputError, InputScan, ReadPlan, list_input, plan_reads, read_dataset, scan_input
 from .resume import OutputPartError, plan_resume
@@ -29,6 +40,10 @@ from .spec import JobSpec
 
 class JobError(RuntimeError):
     """The job cannot run or did not complete; the message says why and what to do."""
+
+
+class JobInterrupted(JobError):
+    """Ctrl-C or SIGTERM: the job stopped; rows written so far are kept and a re-run resumes."""
 
 
 @dataclass
@@ -55,6 +70,8 @@ class RunResult:
     (wait_for_min_actors_s) hands out no batch before that, so it is start-up, not pipeline overhead."""
     actors: list[dict] = field(default_factory=list)
     """Per actor process (ProgressTracker): model-load interval, rows, engine calls and seconds, first/last call, spans."""
+    noop: bool = False
+    """The output was already complete: nothing ran, and the figures above are the finished run's."""
 
     @property
     def steady_wall_s(self) -> float:
@@ -108,14 +125,56 @@ def scan(spec: JobSpec) -> InputScan:
         raise JobError(str(e)) from None
 
 
-def existing_output(spec: JobSpec) -> tuple[Optional[dict], int]:
+LEGACY_PART = re.compile(r"^part-[0-9a-f]{20}\.parquet$")
+"""Parts of outputs written before parts carried an output id (their `_job.json` has none)."""
+
+
+@dataclass
+class OutputState:
+    """What the output folder holds, split into this folder's own parts and parts nobody recorded."""
+
+    job: Optional[dict]
+    output_id: str
+    ours: list[str]
+    foreign: list[str]
+
+    @property
+    def parts(self) -> int:
+        return len(self.ours)
+
+
+def output_state(spec: JobSpec) -> OutputState:
+    """Read `_job.json` and list the parts; JobError naming the file when `_job.json` is unreadable."""
     fs, d = fsx.resolve(spec.output.path)
-    return manifest.read_job(spec.output.path), len(output.list_parts(fs, d))
+    try:
+        job = manifest.read_job(spec.output.path)
+    except manifest.ManifestError as e:
+        raise JobError(str(e)) from None
+    names = [p.base_name for p in output.list_parts(fs, d)]
+    output_id = (job or {}).get("output_id", "")
+    listed = set((job or {}).get("files", []))
+    ours, foreign = [], []
+    for n in names:
+        legacy = job is not None and not output_id and LEGACY_PART.match(n)
+        (ours if output.is_ours(n, output_id) or n in listed or legacy else foreign).append(n)
+    return OutputState(job, output_id, ours, foreign)
 
 
 def done_ids(spec: JobSpec, retry_errors: bool) -> pa.Array:
     fs, d = fsx.resolve(spec.output.path)
-    return output.done_ids(fs, d, spec.input.id_column, retry_errors)
+    try:
+        return output.done_ids(fs, d, spec.input.id_column, retry_errors)
+    except output.OutputError as e:
+        raise JobError(str(e)) from None
+
+
+def check_paths(spec: JobSpec) -> None:
+    """Input and output must be different places, compared by real path (the spec checks this too;
+    checked again here because a symlink may have changed since)."""
+    why = fsx.overlap(spec.input.path, spec.output.path)
+    if why:
+        raise JobError(f"output.path={spec.output.path!r} {why}: a job never writes (or overwrites) inside its "
+                       "input. Allowed: a folder outside input.path")
 
 
 def make_plan(spec: JobSpec, input_scan: InputScan, done: Optional[pa.Array]) -> ReadPlan:
@@ -156,16 +215,43 @@ def describe_plan(spec: JobSpec, plan: ReadPlan, job: Optional[dict], parts: int
     return "\n".join(lines)
 
 
+def local_resources(spec: JobSpec) -> dict[str, float]:
+    """The resources of the local Ray that run_job.py would start (no RAY_ADDRESS)."""
+    gpus = 0
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        gpus = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+    except Exception:  # noqa: BLE001  (no detection: assume none, as Ray would)
+        pass
+    return {"CPU": float(spec.compute.local_num_cpus or os.cpu_count() or 1), "GPU": float(gpus)}
+
+
 def dry_run(spec: JobSpec, stream: TextIO = sys.stdout) -> ReadPlan:
-    """Print the resolved spec and the plan; touches neither Ray nor the model."""
+    """Print the resolved spec and the plan after the checks the real run makes before any work (paths,
+    lease, on_existing, input, resources, model config, fingerprint); JobError where the run would refuse.
+    Reads the model's config and file hashes, loads no weights, starts no pipeline."""
+    precheck(spec)
+    st = output_state(spec)
     input_scan = scan(spec)
-    job, parts = existing_output(spec)
-    resuming = parts and spec.output.on_existing == "resume"
-    plan = resume_plan(spec, input_scan, False, stream, apply=False) if resuming else make_plan(spec, input_scan, None)
+    if os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        ray.init(log_to_driver=False)
+        check_cluster(spec, sys.stderr)
+    else:
+        check_resources(spec, local_resources(spec), nodes=1, autoscaler=False, warn=sys.stderr)
+    model_hash = preflight(spec)["model_hash"]
+    if spec.output.on_existing != "overwrite" and st.job is not None:
+        components = manifest.fingerprint_components(spec, model_hash)
+        _check_fingerprint(spec, st.job, manifest.fingerprint(components), components)
+    resume = st.parts and spec.output.on_existing == "resume"
+    plan = resume_plan(spec, input_scan, False, stream, apply=False) if resume else make_plan(spec, input_scan, None)
     print("# resolved job spec", file=stream)
     print(spec.to_yaml(), file=stream)
     print("# plan", file=stream)
-    print(describe_plan(spec, plan, job, parts), file=stream)
+    print(describe_plan(spec, plan, st.job, st.parts), file=stream)
+    print("checks:  passed", file=stream)
     return plan
 
 
@@ -195,52 +281,114 @@ def preflight(spec: JobSpec) -> dict[str, Any]:
     return {"model_hash": pre.model_hash, "weight_bytes": pre.weight_bytes, "gpu_memory_bytes": pre.gpu_memory_bytes}
 
 
-def check_cluster(spec: JobSpec, warn: TextIO) -> None:
-    import ray
+def started_here() -> bool:
+    """This driver started its Ray itself (a local cluster): no autoscaler can add nodes to it."""
+    import ray._private.worker as worker
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) > 1 and fsx.is_local(spec.output.path) and not spec.output.shared:
-        raise JobError(f"output.path={spec.output.path!r} is a local path and the cluster has {len(nodes)} nodes: "
+    node = getattr(worker, "_global_node", None)
+    return node is not None and node.is_head()
+
+
+def check_resources(spec: JobSpec, res: dict[str, float], nodes: int, autoscaler: Optional[bool],
+                    warn: TextIO, node_gpus: Optional[list[float]] = None) -> None:
+    """Refuse what the cluster cannot run when no autoscaler can add nodes (Ray would wait forever);
+    warn where it may (`autoscaler` None: unknown, a cluster joined through RAY_ADDRESS)."""
+    if nodes > 1 and fsx.is_local(spec.output.path) and not spec.output.shared:
+        raise JobError(f"output.path={spec.output.path!r} is a local path and the cluster has {nodes} nodes: "
                        "each worker would write to its own disk. Allowed: an s3:// or gs:// URI, or a shared "
                        "filesystem mounted on every node with output.shared: true")
-    res = ray.cluster_resources()
     c = spec.compute
     need_cpu, need_gpu = c.num_actors * c.cpus_per_actor, c.num_actors * c.gpus_per_actor
-    if need_gpu > res.get("GPU", 0):
-        print(f"WARNING: {c.num_actors} actors need {need_gpu:g} GPUs; the cluster has {res.get('GPU', 0):g} now "
-              "(the job waits for an autoscaler to add them)", file=warn)
-    if need_cpu >= res.get("CPU", 0):
-        print(f"WARNING: {c.num_actors} actors reserve {need_cpu:g} of the cluster's {res.get('CPU', 0):g} CPUs; "
+    have_gpu, have_cpu = res.get("GPU", 0.0), res.get("CPU", 0.0)
+    biggest = max(node_gpus) if node_gpus else have_gpu
+    if c.gpus_per_actor and (need_gpu > have_gpu or c.gpus_per_actor > biggest):
+        what = (f"compute.gpus_per_actor={c.gpus_per_actor:g} x compute.num_actors={c.num_actors} needs "
+                f"{need_gpu:g} GPU(s)" + (f" ({c.gpus_per_actor:g} on one node)" if c.gpus_per_actor > biggest else "")
+                + f"; the cluster has {have_gpu:g}")
+        if autoscaler is False:
+            raise JobError(f"{what} and no autoscaler can add more (a local Ray started by this run has none), "
+                           "so the job would wait forever. Allowed: compute.gpus_per_actor: 0 (CPU), fewer "
+                           "actors, or a cluster with GPUs through RAY_ADDRESS")
+        print(f"WARNING: {what} now (the job waits for an autoscaler to add them)", file=warn)
+    if need_cpu > have_cpu and autoscaler is False:
+        raise JobError(f"compute.cpus_per_actor={c.cpus_per_actor:g} x compute.num_actors={c.num_actors} needs "
+                       f"{need_cpu:g} CPUs; the cluster has {have_cpu:g} and no autoscaler can add more, so the "
+                       "job would wait forever. Allowed: fewer actors or CPUs per actor, or a larger "
+                       "compute.local_num_cpus")
+    if need_cpu >= have_cpu:
+        print(f"WARNING: {c.num_actors} actors reserve {need_cpu:g} of the cluster's {have_cpu:g} CPUs; "
               "reading and writing need CPUs too", file=warn)
 
 
-def _refuse_existing(spec: JobSpec, job: Optional[dict], parts: int) -> None:
+def check_cluster(spec: JobSpec, warn: TextIO, autoscaler: Optional[bool] = None) -> None:
+    """The connected cluster against the spec; `autoscaler` None = False for a Ray this driver started,
+    else unknown."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if autoscaler is None and started_here():
+        autoscaler = False
+    node_gpus = [float(n.get("Resources", {}).get("GPU", 0.0)) for n in nodes]
+    check_resources(spec, ray.cluster_resources(), len(nodes), autoscaler, warn, node_gpus or None)
+
+
+def _refuse_existing(spec: JobSpec, st: OutputState) -> None:
     mode = spec.output.on_existing
-    if mode == "error" and (job or parts):
+    if st.foreign:
+        shown = ", ".join(st.foreign[:3]) + (f" and {len(st.foreign) - 3} more" if len(st.foreign) > 3 else "")
+        whose = ("its _job.json does not list them" if st.job is not None
+                 else "there is no _job.json, so no job of this project wrote them")
+        raise JobError(f"output.path={spec.output.path!r} holds part files that this project did not write there "
+                       f"({shown}): {whose}. They are neither read nor deleted (not even with "
+                       "output.on_existing: overwrite). Allowed: move them away, or a new output.path")
+    if mode == "error" and (st.job or st.parts):
         raise JobError(f"output.path={spec.output.path!r} already holds a job's output and output.on_existing is "
                        "'error'; allowed: resume, overwrite, or a new output.path")
-    if parts and job is None and mode != "overwrite":
-        raise JobError(f"output.path={spec.output.path!r} holds parts but no _job.json, so it cannot be checked "
-                       "against this spec; allowed: output.on_existing: overwrite, or a new output.path")
 
 
-def remove_output(out_uri: str) -> None:
-    """Delete what a job writes (parts, markers, report), nothing else."""
-    from .report import REPORT_DIR
+def remove_output(out_uri: str, st: OutputState) -> list[str]:
+    """Delete what a job of this folder wrote, nothing else: its parts (by output id or listed in
+    `_job.json`), their temporary files, the markers and the report's own files. `_job.json` goes last,
+    so an overwrite that crashes midway still knows its output id next time. Returns the names deleted."""
+    from .report import REPORT_DIR, report_files
 
     fs, d = fsx.resolve(out_uri)
     if not fsx.exists(fs, d):
-        return
+        return []
     import pyarrow.fs as pafs
 
+    removed = []
+
+    def delete(path: str) -> None:
+        fs.delete_file(path)
+        removed.append(path[len(d) + 1:])
+
+    markers = (manifest.JOB_FILE, manifest.SUCCESS_FILE)
     for info in fs.get_file_info(pafs.FileSelector(d, recursive=False)):
+        if info.type != pafs.FileType.File:
+            continue
         name = info.base_name
-        ours = (name.startswith(output.PART_PREFIX) and name.endswith(output.PART_SUFFIX)) or name in (
-            manifest.JOB_FILE, manifest.SUCCESS_FILE) or (name.startswith(".") and name.endswith(".tmp"))
-        if ours and info.type == pafs.FileType.File:
-            fs.delete_file(info.path)
-        elif name == REPORT_DIR and info.type == pafs.FileType.Directory:
-            fs.delete_dir(info.path)
+        temp = name.startswith(".") and name.endswith(".tmp")
+        if name in st.ours or (st.output_id and output.is_ours(name, st.output_id) and (temp or name.endswith(
+                output.PART_SUFFIX))) or (temp and name[1:].startswith(tuple(m + "." for m in markers))):
+            delete(info.path)
+    rd = fsx.join(d, REPORT_DIR)
+    if st.job is not None and fsx.exists(fs, rd):
+        own = set(report_files())
+        for info in fs.get_file_info(pafs.FileSelector(rd, recursive=True)):
+            rel = info.path[len(rd) + 1:]
+            folder, _, base = rel.rpartition("/")
+            if info.type == pafs.FileType.File and (rel in own or (base.startswith(".") and base.endswith(".tmp") and any(
+                    fsx.join(folder, base[1:]).lstrip("/").startswith(o + ".") for o in own))):
+                delete(info.path)
+        for sub in (fsx.join(rd, "plots"), rd):
+            if fsx.exists(fs, sub) and not fs.get_file_info(pafs.FileSelector(sub, recursive=True)):
+                fs.delete_dir(sub)
+    if st.job is not None and fsx.exists(fs, fsx.join(d, manifest.SUCCESS_FILE)):
+        delete(fsx.join(d, manifest.SUCCESS_FILE))
+    if st.job is not None and fsx.exists(fs, fsx.join(d, manifest.JOB_FILE)):
+        delete(fsx.join(d, manifest.JOB_FILE))
+    return removed
 
 
 def _check_fingerprint(spec: JobSpec, job: Optional[dict], fp: str, components: dict) -> None:
@@ -252,15 +400,17 @@ def _check_fingerprint(spec: JobSpec, job: Optional[dict], fp: str, components: 
                    + ". Allowed: the same settings, a new output.path, or output.on_existing: overwrite")
 
 
-def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO) -> tuple[float, dict]:
+def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO, output_id: str) -> tuple[float, dict]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     from .progress import ProgressMonitor, ProgressTracker, pool_ready_s
+    from .quiet import filtered_stderr, quiet_ray
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # ours below says more (tokens/s, errors, ETA)
     ctx.wait_for_min_actors_s = 600
+    quiet_ray()
     tracker = ray.remote(num_cpus=0)(ProgressTracker).remote()
     cfg = actor_config(spec, progress=tracker, **cfg_args)
     c = spec.compute
@@ -276,13 +426,14 @@ def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO) -> t
             # finite restarts: a crash that repeats fails the job instead of looping (Ray Data's default
             # is -1); the batch in flight on a dead actor is retried on its replacement
             max_restarts=c.max_actor_restarts, max_task_retries=-1 if c.max_actor_restarts else 0)
-    sink = output.make_datasink(spec.output.path, out_schema, spec.input.id_column, spec.output.min_rows_per_file)
+    sink = output.make_datasink(spec.output.path, out_schema, spec.input.id_column, spec.output.min_rows_per_file,
+                                output_id)
     t0 = time.time()
     monitor = ProgressMonitor(lambda: ray.get(tracker.snapshot.remote(), timeout=10), plan.todo_rows,
                               interval_s=c.progress_interval_s, stream=stream,
                               final_fetch=lambda: ray.get(tracker.snapshot.remote(actors=True), timeout=10))
     try:
-        with monitor:
+        with monitor, filtered_stderr():
             ds.write_datasink(sink)
     except Exception as e:  # noqa: BLE001
         raise JobError(f"the Ray Data pipeline failed: {type(e).__name__}: {e}. Rows written so far are kept; "
@@ -295,7 +446,8 @@ def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO) -> t
 
 
 def _calibrated(spec: JobSpec, plan: ReadPlan, input_scan: InputScan, schema: pa.Schema, record: dict,
-                job: Optional[dict], retry_errors: bool, engine_factory, stream: TextIO) -> tuple[ReadPlan, dict]:
+                job: Optional[dict], retry_errors: bool, engine_factory, stream: TextIO,
+                output_id: str) -> tuple[ReadPlan, dict]:
     """`cache.policy: auto`: the choice recorded by an earlier run of this job, else a calibration now
     (its rows are written, so the plan is made again without them). Returns (plan, cache settings)."""
     from .calibrate import calibrate
@@ -308,25 +460,51 @@ def _calibrated(spec: JobSpec, plan: ReadPlan, input_scan: InputScan, schema: pa
             return plan, {"policy": "none"}
         cfg = actor_config(spec, schema, engine_factory=engine_factory)
         try:
-            cal = calibrate(spec, plan, cfg, schema, stream)
+            cal = calibrate(spec, plan, cfg, schema, stream, output_id)
         except Exception as e:  # noqa: BLE001
             raise JobError(f"the calibration of cache.policy auto failed: {type(e).__name__}: {e}. "
                            "Nothing of it was recorded; run the same command again") from e
-        plan = make_plan(spec, input_scan, done_ids(spec, retry_errors))
+        plan = resume_plan(spec, input_scan, retry_errors, stream, schema=schema)
     record["calibration"] = cal
     manifest.write_job(spec.output.path, record)
     return plan, cal["cache"]
 
 
-def run(spec: JobSpec, retry_errors: bool = False, stream: TextIO = sys.stderr, engine_factory=None) -> RunResult:
-    """Run the job on the connected Ray cluster. Raises JobError when it cannot run or complete."""
+def precheck(spec: JobSpec) -> None:
+    """The checks that need neither Ray nor the model (paths, the lease, the output folder's state), so
+    that a run that must refuse does so before starting a cluster. `run` makes them again."""
+    check_paths(spec)
+    lease = Lease(spec.output.path, spec.name)
+    owner = lease.check() if fsx.exists(lease.fs, lease.dir) else None
+    if owner is not None:
+        raise JobError(str(LeaseHeld(spec.output.path, owner, lease.stale_s)))
+    _refuse_existing(spec, output_state(spec))
+
+
+def run(spec: JobSpec, retry_errors: bool = False, stream: TextIO = sys.stderr, engine_factory=None,
+        autoscaler: Optional[bool] = None) -> RunResult:
+    """Run the job on the connected Ray cluster, holding the output folder's lease throughout.
+    Raises JobError when it cannot run or complete, JobInterrupted on Ctrl-C / SIGTERM."""
+    check_paths(spec)
+    try:
+        lease = Lease(spec.output.path, spec.name, warn=stream).acquire()
+    except LeaseHeld as e:
+        raise JobError(str(e)) from None
+    try:
+        return _run_leased(spec, retry_errors, stream, engine_factory, autoscaler, lease)
+    finally:
+        lease.release()
+
+
+def _run_leased(spec: JobSpec, retry_errors: bool, stream: TextIO, engine_factory, autoscaler: Optional[bool],
+                lease: Lease) -> RunResult:
     out = spec.output.path
     timing = {"started_at_unix": time.time()}
-    job, parts = existing_output(spec)
-    _refuse_existing(spec, job, parts)  # refusals only; nothing is deleted before every check passed
+    st = output_state(spec)
+    _refuse_existing(spec, st)  # refusals only; nothing is deleted before every check passed
     overwrite = spec.output.on_existing == "overwrite"
     input_scan = scan(spec)
-    check_cluster(spec, stream)
+    check_cluster(spec, stream, autoscaler)
     schema = output_schema(input_scan.schema)
     t_pre = time.time()
     pre = preflight(spec)
@@ -334,43 +512,114 @@ def run(spec: JobSpec, retry_errors: bool = False, stream: TextIO = sys.stderr, 
     components = manifest.fingerprint_components(spec, pre["model_hash"])
     fp = manifest.fingerprint(components)
     if overwrite:
-        remove_output(out)
-        job, parts = None, 0
+        removed = remove_output(out, st)
+        if removed:
+            print(f"overwrite: removed {len(removed)} file(s) the previous job wrote", file=stream)
+        st = OutputState(None, "", [], [])
+    job = st.job
     _check_fingerprint(spec, job, fp, components)
-    plan = resume_plan(spec, input_scan, retry_errors, stream, schema=schema) if parts else make_plan(spec, input_scan, None)
-    print(describe_plan(spec, plan, job, parts), file=stream, flush=True)
+    plan = resume_plan(spec, input_scan, retry_errors, stream, schema=schema) if st.parts else make_plan(spec, input_scan, None)
+    if job is not None and plan.todo_rows == 0 and job.get("status") == "complete" and manifest.is_complete(out):
+        noop = _noop_rerun(spec, plan, job, schema, retry_errors, stream, timing)
+        if noop is not None:
+            return noop
+    print(describe_plan(spec, plan, job, st.parts), file=stream, flush=True)
     started = manifest.now()
+    output_id = st.output_id or manifest.new_output_id()
     record = {"name": spec.name, "status": "running", "fingerprint": fp, "fingerprint_components": components,
               "spec": spec.to_dict(), "versions": manifest.versions(), "started_at": started,
               "first_started_at": (job or {}).get("first_started_at", started),
-              "input": {"rows": plan.total_rows, "files": len(plan.files), "derived_ids": plan.derived_ids}}
+              "input": {"rows": plan.total_rows, "files": len(plan.files), "derived_ids": plan.derived_ids},
+              "output_id": output_id, "files": sorted(st.ours),
+              "writer": {"host": lease.owner.host, "pid": lease.owner.pid}}
+    if job and job.get("reruns"):
+        record["reruns"] = job["reruns"]
     manifest.write_job(out, record)
     manifest.clear_success(out)
     wall, snap = 0.0, {"rows": 0, "tokens": 0, "errors": {}, "engine_s": 0.0}
-    cache = None
-    if spec.cache.policy == "auto":
-        plan, cache = _calibrated(spec, plan, input_scan, schema, record, job, retry_errors, engine_factory, stream)
-    if plan.todo_rows:
-        try:
-            wall, snap = _execute(spec, plan, {"schema": schema, "engine_factory": engine_factory, "cache": cache}, stream)
-        except JobError as e:
-            record.update(status="failed", finished_at=manifest.now(), error=str(e))
-            manifest.write_job(out, record)
-            raise
-    return finalize(spec, plan, schema, record, wall, snap, stream, timing)
+    try:
+        cache = None
+        if spec.cache.policy == "auto":
+            plan, cache = _calibrated(spec, plan, input_scan, schema, record, job, retry_errors, engine_factory,
+                                      stream, output_id)
+        if plan.todo_rows:
+            wall, snap = _execute(spec, plan, {"schema": schema, "engine_factory": engine_factory, "cache": cache},
+                                  stream, output_id)
+        return finalize(spec, plan, schema, record, wall, snap, stream, timing, lease)
+    except KeyboardInterrupt:
+        _record_end(out, record, "interrupted", "stopped by Ctrl-C or SIGTERM")
+        raise JobInterrupted("interrupted; the rows written so far are kept, run the same command again to "
+                             "resume") from None
+    except JobError as e:
+        if record.get("status") == "running":
+            _record_end(out, record, "failed", str(e))
+        raise
+    except output.OutputError as e:
+        _record_end(out, record, "failed", str(e))
+        raise JobError(str(e)) from None
+    except Exception as e:
+        _record_end(out, record, "failed", f"{type(e).__name__}: {e}")
+        raise
+
+
+def _record_end(out: str, record: dict, status: str, error: str) -> None:
+    """`_job.json` says how the run ended, with the parts now in the folder."""
+    fs, d = fsx.resolve(out)
+    parts = [p.base_name for p in output.list_parts(fs, d)]
+    record.update(status=status, finished_at=manifest.now(), error=error,
+                  files=sorted(n for n in parts if n in record["files"] or output.is_ours(n, record["output_id"])))
+    manifest.write_job(out, record)
+
+
+def _noop_rerun(spec: JobSpec, plan: ReadPlan, job: dict, schema: pa.Schema, retry_errors: bool, stream: TextIO,
+                timing: dict) -> Optional[RunResult]:
+    """A re-run of a finished job with nothing to do: keep the finished run's figures (report,
+    `_job.json`'s run), record the re-run in `_job.json`'s `reruns`. None when the output needs repair."""
+    from .report import REPORT_DIR, write_report
+
+    out = spec.output.path
+    fs, d = fsx.resolve(out)
+    t = output.read_output(fs, d, columns=[spec.input.id_column, "error_type"])
+    if t is None:
+        return None
+    ids = pc.cast(t.column(spec.input.id_column), pa.string()).combine_chunks()
+    if len(pc.unique(ids)) != t.num_rows or not pc.all(pc.is_in(plan.selected_ids, value_set=ids)).as_py():
+        return None  # duplicates or missing ids: the normal path repairs and checks
+    prev = dict(job.get("run") or {})
+    keep = {k: prev[k] for k in RunResult.__dataclass_fields__ if k in prev and k not in ("noop",)}
+    keep.update(output=out, status="complete", rows_total=plan.total_rows, rows_run=0, rows_skipped=plan.total_rows,
+                noop=True)
+    sel = t.filter(pc.is_in(ids, value_set=plan.selected_ids))
+    keep["errors"] = dict(sorted((vc["values"], vc["counts"])
+                                 for vc in pc.value_counts(sel.column("error_type").drop_null()).to_pylist()))
+    result = RunResult(**keep)
+    md = fsx.join(d, REPORT_DIR, "report.md")
+    result.report = ({"json": fsx.join(out, REPORT_DIR, "report.json"), "md": fsx.join(out, REPORT_DIR, "report.md")}
+                     if fsx.exists(fs, md) else write_report(out, run=job.get("run"), evaluation=spec.evaluation))
+    job.setdefault("reruns", []).append({"at": manifest.now(), "rows_run": 0, "rows_total": plan.total_rows,
+                                         "retry_errors": retry_errors, "result": "nothing to do: output complete"})
+    manifest.write_job(out, job)
+    print(f"nothing to do: {out} already holds all {plan.total_rows} row(s) of this job; the report keeps the "
+          "figures of the run that wrote them", file=stream, flush=True)
+    return result
 
 
 def finalize(spec: JobSpec, plan: ReadPlan, schema: pa.Schema, record: dict, wall: float, snap: dict,
-             stream: TextIO, timing: Optional[dict] = None) -> RunResult:
+             stream: TextIO, timing: Optional[dict] = None, lease: Optional[Lease] = None) -> RunResult:
     """Repair duplicates, check every selected id is there exactly once, write _SUCCESS and the report."""
     from .report import write_report
 
     out = spec.output.path
     fs, d = fsx.resolve(out)
-    dd = output.deduplicate(fs, d, spec.input.id_column, schema)
+    if lease is not None and lease.lost is not None:
+        raise JobError(f"this run lost the output folder's lease to {lease.lost.describe()} (it stalled for more "
+                       f"than {lease.stale_s:.0f} s); its rows are kept, that run finishes the folder")
+    output_id = record.get("output_id", "")
+    dd = output.deduplicate(fs, d, spec.input.id_column, schema, output_id)
     if dd.duplicates:
         print(f"repaired {dd.duplicates} duplicate row(s) in {dd.parts_rewritten} part(s)", file=stream)
     t = output.read_output(fs, d, columns=[spec.input.id_column, "error_type"])
+    record["files"] = [p.base_name for p in output.list_parts(fs, d)]
     have = pc.cast(t.column(spec.input.id_column), pa.string()).combine_chunks() if t is not None else pa.array([], pa.string())
     missing = int(pc.sum(pc.invert(pc.is_in(plan.selected_ids, value_set=have))).as_py() or 0)
     result = RunResult(out, "complete", plan.total_rows, plan.todo_rows, plan.total_rows - plan.todo_rows,

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dllm_cache_core.overrides import apply_overrides, normalize_short_forms
 
+from .fs import overlap
+
 __all__ = ["JobSpec", "SpecError", "load_spec", "spec_from_dict", "apply_overrides", "POLICY_PARAMS"]
 
 POLICY_PARAMS: dict[str, tuple[str, ...]] = {
@@ -283,8 +285,11 @@ class JobSpec(_Section):
         if "calibration" in self.model_fields_set and self.cache.policy != "auto":
             raise ValueError(f"calibration.* is only used with cache.policy: auto, not {self.cache.policy!r}; "
                              "allowed: remove the calibration section, or cache.policy: auto")
-        if _norm_path(self.input.path) == _norm_path(self.output.path):
-            raise ValueError("output.path must differ from input.path; allowed: a separate folder")
+        why = overlap(self.input.path, self.output.path)
+        if why:
+            raise ValueError(f"output.path must differ from input.path and lie outside it: output.path="
+                             f"{self.output.path!r} {why} (compared by real path: symlinks, '.', '..', "
+                             "file:// resolved); allowed: a separate folder")
         return self
 
     @property
@@ -298,10 +303,6 @@ class JobSpec(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def _norm_path(p: str) -> str:
-    return p[len("file://"):].rstrip("/") if p.startswith("file://") else p.rstrip("/")
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> Optional[list[str]]:

@@ -172,7 +172,8 @@ def test_resume_fingerprint_and_on_existing(ray_local, tiny, tmp_path):
     lost = pq.read_table(parts[0].path).num_rows
     Path(parts[0].path).unlink()
     dup = pq.read_table(parts[1].path)
-    pq.write_table(dup, str(Path(d) / "part-0000duplicate000.parquet"))
+    oid = json.loads((Path(d) / "_job.json").read_text())["output_id"]
+    pq.write_table(dup, str(Path(d) / f"part-{oid}-duplicate.parquet"))
     (Path(d) / "_SUCCESS").unlink()
     third = run(_spec(tiny, inp, out), stream=io.StringIO())
     assert third.rows_run == lost
