@@ -5,21 +5,18 @@ them out and go on. Only a whole-batch failure (e.g. CUDA OOM) propagates, for t
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
 from .config import CacheConfig, GenerationConfig
 from .decoding.generate import generate
-from .models.loading import load_model, resolve_path
+from .models.fingerprint import model_fingerprint
+from .models.loading import load_model, stop_ids_from_tokenizer
 from .stats import SampleStats
 
-ERROR_TYPES = ("empty_prompt", "too_long", "bad_input", "tokenizer", "oom", "generation")
+__all__ = ["Engine", "TextOutput", "model_fingerprint", "stop_ids_from_tokenizer"]
 
 
 @dataclass
@@ -30,35 +27,6 @@ class TextOutput:
     """None for a row that failed before generation (see error / error_type)."""
     error: Optional[str] = None
     error_type: Optional[str] = None
-
-
-def model_fingerprint(path: str | os.PathLike) -> str:
-    """Content hash of a checkpoint folder: config/tokenizer files in full, weight files by their
-    safetensors header (names, dtypes, shapes, offsets) and size, so 16 GB need not be read."""
-    p = resolve_path(path)
-    h = hashlib.sha256()
-    for f in sorted(p.iterdir()):
-        if not f.is_file():
-            continue
-        h.update(f.name.encode())
-        if f.suffix == ".safetensors" and f.stat().st_size > (64 << 20):
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                h.update(fh.read(n))
-            h.update(str(f.stat().st_size).encode())
-        else:
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def stop_ids_from_tokenizer(tok, eos_id: int) -> tuple[int, ...]:
-    """EOS plus the chat template's end-of-turn token (LLaDA <|eot_id|>, Dream <|im_end|>)."""
-    ids = {eos_id}
-    vocab = tok.get_vocab() if tok is not None else {}
-    for t in ("<|eot_id|>", "<|im_end|>"):
-        if t in vocab:
-            ids.add(vocab[t])
-    return tuple(sorted(ids))
 
 
 class Engine:
