@@ -1,4 +1,4 @@
-"""Issue 8: multi-GPU scaling of the Ray pipeline, measured through `python run_job.py` itself.
+"""Multi-GPU scaling of the Ray pipeline, measured through `python run_job.py` itself.
 
     python benchmarks/bench_scaling.py --gpus 1,2                      # GPUs, LLaDA-8B-shaped bf16 checkpoint
     python benchmarks/bench_scaling.py --cpu --gpus 1,2 --rows 256 --gen-length 128 \\
@@ -424,8 +424,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     records += new
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(records, indent=1, default=str))
-    title = ("Pipeline scaling on CPU actors, tiny random model (a correctness and balance check, NOT the issue's "
-             "GPU measurement)" if a.cpu else "Pipeline scaling (issue 8): LLaDA-8B-shaped random bf16 checkpoint")
+    title = ("Pipeline scaling on CPU actors, tiny random model (a correctness and balance check, NOT the "
+             "GPU measurement)" if a.cpu else "Pipeline scaling: LLaDA-8B-shaped random bf16 checkpoint")
     out_path.with_suffix(".md").write_text(markdown(records, title))
     print(f"[scaling] records -> {out_path}, table -> {out_path.with_suffix('.md')}")
     return 0 if all(r.get("exit_code") == 0 and (r.get("checks") or {}).get("ok") for r in new) else 1

@@ -30,6 +30,8 @@ class TextOutput:
 
 
 class Engine:
+    """A model, its tokenizer and the generation and cache settings: text in, text and stats out."""
+
     def __init__(self, model, tokenizer, generation: GenerationConfig, cache: CacheConfig, seed: int = 0,
                  model_path: str = ""):
         self.model, self.tokenizer = model, tokenizer
@@ -80,8 +82,19 @@ class Engine:
         raise _RowError("bad_input", f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
 
     # -- generation -----------------------------------------------------------------------------
+    def chat(self, conversations: Sequence[Sequence[dict]], row_ids: Optional[Sequence] = None) -> list[TextOutput]:
+        """One reply per conversation (a list of {"role", "content"} messages), each through the
+        tokenizer's chat template (vLLM's LLM.chat)."""
+        for i, c in enumerate(conversations):
+            if isinstance(c, (str, dict)):
+                raise TypeError(f"conversations[{i}] is a {type(c).__name__}; a conversation is a list of "
+                                "{'role', 'content'} messages (plain text goes to Engine.generate)")
+        return self.generate([list(c) for c in conversations], row_ids=row_ids)
+
     def generate(self, prompts: Sequence[Any], row_ids: Optional[Sequence] = None,
                  chat_template: bool = False) -> list[TextOutput]:
+        """Plain-text prompts go in raw (no template, as vLLM's LLM.generate) unless chat_template;
+        a prompt that is a list of messages gets the chat template."""
         outs = [TextOutput() for _ in prompts]
         ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         good, good_ids, where = [], [], []

@@ -101,8 +101,3 @@ def clear_success(out_uri: str) -> None:
     fs, d = fsx.resolve(out_uri)
     if fsx.exists(fs, fsx.join(d, SUCCESS_FILE)):
         fs.delete_file(fsx.join(d, SUCCESS_FILE))
-
-
-def is_complete(out_uri: str) -> bool:
-    fs, d = fsx.resolve(out_uri)
-    return fsx.exists(fs, fsx.join(d, SUCCESS_FILE))

@@ -1,4 +1,4 @@
-"""The output table's explicit, typed, nullable schema (shared/DESIGN.md, "Output").
+"""The output table's explicit, typed, nullable schema.
 
 Every part is cast to one schema: the input columns as read, then the columns below. A part holding
 only error rows (all generation columns null) therefore reads together with every other part.
@@ -36,7 +36,6 @@ OUTPUT_FIELDS: list[pa.Field] = [
 ]
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_FIELDS]
 STATS_COLUMNS = [f.name for f in STATS_FIELDS]
-ERROR_TYPES = ("empty_prompt", "too_long", "bad_input", "tokenizer", "oom", "generation")
 INTERNAL_PREFIX = "__"
 """Columns the reader adds for the actor (e.g. `__input_error`); never written."""
 INPUT_ERROR = "__input_error"

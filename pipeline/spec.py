@@ -162,6 +162,15 @@ def cache_section() -> type[_CacheSection]:
 CacheSpec = cache_section()
 
 
+def cache_help() -> str:
+    """The cache policies and their parameters, for --help texts."""
+    lines = ["cache policies (cache=NAME or cache.policy=NAME; parameters as cache.PARAM=VALUE):"]
+    for d in declarations():
+        params = "; ".join(f"{p.name}: {p.allowed()}, default {p.default_text()}" for p in d.params) or "no parameters"
+        lines.append(f"  {d.name:<12} {params}")
+    return "\n".join(lines)
+
+
 class ComputeSpec(_Section):
     num_actors: int = Field(default=1, ge=1)
     """Engine replicas (Ray Data actor pool size)."""

@@ -16,7 +16,7 @@ from dllm_cache_core.cache import registry as registry_mod  # noqa: E402
 from engine_fixtures import (FAMILIES, KNOWN_POLICIES, PROMPTS, REQUIRED_POLICIES,  # noqa: E402,F401
                              _one_torch_thread, decode_model, require_policy)
 
-# the policy's parameters with every default filled in (shared/DESIGN.md, "CacheConfig is flat")
+# the policy's parameters with every default filled in (CacheConfig is flat)
 DEFAULTS = {
     "none": {},
     "prefix": {"refresh_interval": None},
@@ -195,7 +195,7 @@ def test_batch_invariance_cfg(policy):
 
 
 # ================================================================================================
-# Exactness against `none` (shared/DESIGN.md, "Cache policies": these settings are exact)
+# Exactness against `none` (each policy declares the settings that are exact)
 # ================================================================================================
 # (policy, parameters); CURRENT_K_ALL is replaced by the generation length (current_k >= gen_length)
 CURRENT_K_ALL = "gen_length"

@@ -102,7 +102,11 @@ def test_policy_file_dropped_into_the_package(tmp_path):
     assert r.returncode == 0, r.stderr
     _check(json.loads(r.stdout.strip().splitlines()[-1]), "every_other")
 
-    # the same file through run_job.py: a job spec names the new policy and its parameter
+
+def test_policy_file_dropped_into_the_package_runs_as_a_job(tmp_path):
+    """The same file through run_job.py: a job spec names the new policy and its parameter."""
+    repo = _copy_repo(tmp_path / "repo")
+    (repo / "dllm_cache_core" / "cache" / "every_other.py").write_text(POLICY_MODULE.format(name="every_other"))
     rows = [{"id": f"r{i}", "prompt": p} for i, p in enumerate(["12+7=", "Sort: 3 1 2", "Reverse: a b c"])]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = {"name": "plugin", "input": {"path": str(tmp_path / "in.jsonl")},

@@ -98,3 +98,8 @@ def markdown_params() -> str:
         for p in d.params:
             out.append(f"- `{d.name}.{p.name}`: {p.allowed()}; {p.doc}")
     return "\n".join(out)
+
+
+def markdown() -> str:
+    """The README's policy section body: the table, then every parameter's range and doc."""
+    return markdown_table() + "\n\nParameters:\n\n" + markdown_params()
