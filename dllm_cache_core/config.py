@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional
 
-from .cache.registry import policy_decl, policy_names
+from .cache.registry import param_names, policy_decl
 from .decoding.schedule import SCHEDULES as _SCHEDULE_TABLE
 from .models.profile import PROFILES, DecodingProfile
 
@@ -31,7 +31,7 @@ class GenerationConfig:
     remasking: Optional[str] = None
     """Which masked positions to commit; None = the decoding profile's default (its allowed values)."""
     alg_temp: float = 0.0
-    """Dream: sample positions from softmax(confidence / alg_temp) instead of top-k (0 = top-k)."""
+    """Sample the positions to commit from softmax(confidence / alg_temp) instead of top-k (0 = top-k; Dream's option)."""
     schedule: str = "auto"
     """Per-step commit counts: auto (the decoding profile's), llada (even split, remainder first) or
     dream (timestep linspace)."""
@@ -147,7 +147,7 @@ class CacheConfig:
 
     def __getattr__(self, name: str) -> Any:
         """A declared parameter reads as its value, or None when unset (cfg.kp)."""
-        if not name.startswith("_") and name in _param_names():
+        if not name.startswith("_") and name in param_names():
             return dict(self.__dict__.get("values", ())).get(name)
         raise AttributeError(name)
 
@@ -157,7 +157,3 @@ class CacheConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, **dict(self.values)}
-
-
-def _param_names() -> set[str]:
-    return {p.name for n in policy_names() for p in policy_decl(n).params}

@@ -331,3 +331,21 @@ def test_failed_capture_falls_back_to_eager(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no memory for the graph pool"):
         got = generate(model, PROMPTS[:2], gen, CacheConfig("dual"))
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_every_declared_exact_setting_equals_none(fam):
+    """Each policy module's `exact` settings (its declaration) return the tokens of `none`."""
+    from dllm_cache_core.cache.registry import declarations
+
+    model = decode_model(fam)[0]
+    checked = 0
+    for mode in ("semi_ar", "threshold"):
+        gen = _gen(mode)
+        ref = [o.token_ids for o in generate(model, PROMPTS, gen, CacheConfig())]
+        for decl in declarations():
+            for setting in decl.exact:
+                got = [o.token_ids for o in generate(model, PROMPTS, gen, CacheConfig(policy=decl.name, **setting))]
+                assert got == ref, (decl.name, setting, mode)
+                checked += 1
+    assert checked >= 2 * 6  # none, prefix, dual, dllm_cache x2, d2cache

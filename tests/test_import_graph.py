@@ -1,6 +1,8 @@
 """The import graph of dllm_cache_core/ and pipeline/ is acyclic, counting imports inside functions
-(a lazy import hides a cycle only until the two modules are changed together) and the cache
-registry's discovery of every module in dllm_cache_core/cache/."""
+(a lazy import hides a cycle only until the two modules are changed together), the package
+__init__ modules an import runs, and the cache registry's discovery of every module in
+dllm_cache_core/cache/. Also the layering: models import neither decoding nor cache, the caches do not
+import the decoding loop, and the engine imports no pipeline."""
 from __future__ import annotations
 
 import ast
@@ -41,16 +43,21 @@ def imports_of(mod: str, path: Path, known: dict[str, Path]) -> set[str]:
             names = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
         else:
             continue
-        out.update(n for n in names if n in known and n != mod)
+        for n in names:
+            # importing a.b.c runs a/__init__ and a/b/__init__ first (those not already running)
+            parts = n.split(".")
+            out.update(p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+                       if p in known and p != mod and not (mod + ".").startswith(p + "."))
     return out
 
 
 def import_graph() -> dict[str, set[str]]:
     known = all_modules()
     graph = {m: imports_of(m, p, known) for m, p in known.items()}
-    # the policy registry imports every module of its package by name (discovery)
+    # the policy registry imports every module of its package by name (discovery; not _private ones)
     graph["dllm_cache_core.cache.registry"] |= {m for m in known if m.startswith("dllm_cache_core.cache.")
-                                                and m != "dllm_cache_core.cache.registry"}
+                                                and m != "dllm_cache_core.cache.registry"
+                                                and not m.rsplit(".", 1)[1].startswith("_")}
     return graph
 
 
@@ -86,3 +93,12 @@ def test_graph_sees_function_level_imports():
 def test_no_import_cycles():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_layering():
+    g = import_graph()
+    bad = [(m, n) for m, ns in g.items() for n in ns if (
+        (m.startswith("dllm_cache_core.models") and n.startswith(("dllm_cache_core.decoding", "dllm_cache_core.cache")))
+        or (m.startswith("dllm_cache_core.cache") and n.startswith("dllm_cache_core.decoding"))
+        or (m.startswith("dllm_cache_core") and n.startswith("pipeline")))]
+    assert not bad, bad

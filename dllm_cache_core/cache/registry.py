@@ -65,6 +65,11 @@ def declarations() -> list[PolicyDecl]:
     return [c.decl for c in _ordered()]
 
 
+def param_names() -> list[str]:
+    """Every declared parameter name, over all policies (the flat CacheConfig keys besides policy)."""
+    return list(dict.fromkeys(p.name for d in declarations() for p in d.params))
+
+
 def policy_class(name: str) -> type[CachePolicy]:
     _discover()
     if name not in _POLICIES:
