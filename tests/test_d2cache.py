@@ -1,5 +1,5 @@
 """d2cache policy: exactness limit, batch invariance (idle rows included), selection helpers, cache
-writes, stats. The lead's tables in test_cache.py / test_stats.py cover it too; these are its own."""
+writes, stats. The tables in test_cache.py / test_stats.py cover it too; these are its own."""
 from __future__ import annotations
 
 import contextlib
