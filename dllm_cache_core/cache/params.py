@@ -27,8 +27,6 @@ class Param:
     """Exclusive lower bound."""
     le: Optional[float] = None
     """Inclusive upper bound."""
-    none_ok: bool = False
-    """None is a value of its own (documented in `doc`), not only "the default"."""
 
     def allowed(self) -> str:
         """The allowed values in words, as error messages and the README show them."""
@@ -43,11 +41,11 @@ class Param:
             rng = f" <= {self.le:g}"
         else:
             rng = ""
-        return kind + rng + (" or None" if self.none_ok else "")
+        return kind + rng
 
     def ok(self, value: Any) -> bool:
         if value is None:
-            return True  # None = the default (or its own meaning when none_ok)
+            return True  # None = the default (whose meaning `doc` gives)
         if self.type is None:
             return True
         if isinstance(value, bool) or not isinstance(value, (int, float)):
