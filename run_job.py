@@ -39,7 +39,10 @@ def _sigterm(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from pipeline.spec import cache_help
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=cache_help(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("spec", help="job spec YAML")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cache.policy=dllm_cache cache.kp=25 or cache=dual")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved spec and the plan, then exit")

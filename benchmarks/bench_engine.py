@@ -1,4 +1,4 @@
-"""Engine throughput table (issue 7 items 1, 4, 5): policy x batch x (fixed schedule, threshold),
+"""Engine throughput table: policy x batch x (fixed schedule, threshold),
 steady-state timing, ms per model call, nfe, peak memory and roofline_ratio.
 
     python benchmarks/bench_engine.py --ckpt /tmp/ckpt/llada-8b --shape-name llada-8b \

@@ -1,4 +1,4 @@
-"""Issue 3 item 7: write an LLaDA-8B-shaped random bf16 checkpoint (real sharded layout) to local
+"""Write an LLaDA-8B-shaped random bf16 checkpoint (real sharded layout) to local
 disk, load it with load_model onto the GPU, record load time and peak GPU memory against the
 weights' size, and generate batch 8, prompt 256, gen 256 (block 32, policy dual, steps 256).
 

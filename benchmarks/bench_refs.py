@@ -1,4 +1,4 @@
-"""Side-by-side references (issue 7 item 2): the public LLaDA generate.py, Fast-dLLM's loops (no cache,
+"""Side-by-side references: the public LLaDA generate.py, Fast-dLLM's loops (no cache,
 prefix, dual; fixed schedule and threshold) and dLLM-Cache's hooks, on the same checkpoint and the
 same random prompts as bench_engine.py.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session's benchmark driver (issue 3 item 7, issue 7): runs the pieces in priority order,
+# The GPU benchmark driver: runs the pieces in priority order,
 # each under `timeout` and a deadline taken from what is left of BUDGET, writing results and logs
 # under $OUT as they finish.
 #

@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import shape_config  # noqa: E402
-from dllm_cache_core.models.config import model_config  # noqa: E402
-from dllm_cache_core.models.loading import ARCHITECTURES  # noqa: E402
+from dllm_cache_core.models.registry import build_model, model_config  # noqa: E402
 from dllm_cache_core.models.tiny import write_dream_tokenizer, write_llada_tokenizer  # noqa: E402
 
 DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -36,7 +35,7 @@ DT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.flo
 def expected_shapes(cfg_json: dict) -> dict[str, tuple[int, ...]]:
     cfg = model_config(cfg_json)
     with torch.device("meta"):
-        model = ARCHITECTURES[cfg.family](cfg)
+        model = build_model(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

@@ -1,4 +1,4 @@
-"""FLOPs speedup and token agreement with `none` for every policy at default parameters (issue 4 table).
+"""FLOPs speedup and token agreement with `none` for every policy at default parameters (the README's table).
 
 CPU, tiny random LLaDA/Dream checkpoints: agreement on random weights measures how far each
 approximation drifts, not quality (benchmarks/quality_tiny.py measures accuracy on a trained model).

@@ -1,4 +1,4 @@
-"""Quality table: accuracy and speed of every cache policy on the trained builtin:tiny (issue 6).
+"""Quality table: accuracy and speed of every cache policy on the trained builtin:tiny.
 
 Per task (held-out instances), each policy runs with the fixed schedule (one token per step) and
 with threshold 0.9; `none` with the same generation settings runs back to back as the reference for

@@ -158,7 +158,7 @@ def main(argv=None) -> None:
               "(Fast-dLLM's @torch.compile'd SDPA wrapper runs eagerly).", ""]
     if a.load and Path(a.load).exists():
         ld = json.loads(Path(a.load).read_text())
-        L += ["## load_model on the 8B checkpoint (issue 3 item 7)", "", "```", json.dumps(ld, indent=1), "```", ""]
+        L += ["## load_model on the 8B checkpoint", "", "```", json.dumps(ld, indent=1), "```", ""]
     if a.profiles and Path(a.profiles).exists():
         L += ["## Profiles (torch.profiler, 2 dual cached steps)", ""]
         for f in sorted(Path(a.profiles).glob("profile_*.txt")):

@@ -26,7 +26,7 @@ from common import env_vars  # noqa: E402
 
 from dllm_cache_core import CacheConfig, GenerationConfig, generate, load_model  # noqa: E402
 from dllm_cache_core.models import fused  # noqa: E402
-from dllm_cache_core.models.config import model_config  # noqa: E402
+from dllm_cache_core.models.registry import model_config  # noqa: E402
 from dllm_cache_core.models.llada import LLaDABlock  # noqa: E402
 from dllm_cache_core.models.layers import rope_tables  # noqa: E402
 from dllm_cache_core.models.tiny import write_tiny_checkpoint  # noqa: E402

@@ -1,13 +1,19 @@
-"""The two public configs. Frozen dataclasses; every invalid value is a ValueError naming the field."""
+"""The two public configs. Frozen dataclasses; every invalid value is a ValueError naming the field.
+
+Allowed remasking values come from the decoding profiles, schedules from the schedule table and cache
+policies and their parameters from the policy modules' declarations.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
 
-LLADA_REMASKING = ("low_confidence", "random")
-DREAM_REMASKING = ("maskgit_plus", "topk_margin", "entropy", "origin")
-REMASKING = LLADA_REMASKING + DREAM_REMASKING
-SCHEDULES = ("auto", "llada", "dream")
+from .cache.registry import param_names, policy_decl
+from .decoding.schedule import SCHEDULES as _SCHEDULE_TABLE
+from .models.profile import PROFILES, DecodingProfile
+
+REMASKING = tuple(dict.fromkeys(r for p in PROFILES.values() for r in p.remasking))
+SCHEDULES = ("auto", *_SCHEDULE_TABLE)
 
 
 def _bad(name: str, value: Any, allowed: str) -> ValueError:
@@ -23,11 +29,12 @@ class GenerationConfig:
     block_length: Optional[int] = None
     """Semi-AR block size (None = gen_length); gen_length must divide by it."""
     remasking: Optional[str] = None
-    """Which masked positions to commit: LLaDA low_confidence/random, Dream maskgit_plus/topk_margin/entropy/origin."""
+    """Which masked positions to commit; None = the decoding profile's default (its allowed values)."""
     alg_temp: float = 0.0
-    """Dream: sample positions from softmax(confidence / alg_temp) instead of top-k (0 = top-k)."""
+    """Sample the positions to commit from softmax(confidence / alg_temp) instead of top-k (0 = top-k; Dream's option)."""
     schedule: str = "auto"
-    """Transfer-count schedule: auto (the family's), llada (base/remainder) or dream (timestep linspace)."""
+    """Per-step commit counts: auto (the decoding profile's), llada (even split, remainder first) or
+    dream (timestep linspace)."""
     eps: float = 1e-3
     """Dream timestep floor."""
     temperature: float = 0.0
@@ -105,13 +112,12 @@ class GenerationConfig:
     def steps_per_block(self) -> int:
         return self.total_steps // self.num_blocks
 
-    def remasking_for(self, family: str) -> str:
-        """The family default when unset (LLaDA low_confidence, Dream entropy); checks the family."""
+    def remasking_for(self, profile: DecodingProfile) -> str:
+        """The profile's default when unset; else checked against the profile's allowed values."""
         if self.remasking is None:
-            return "low_confidence" if family == "llada" else "entropy"
-        allowed = LLADA_REMASKING if family == "llada" else DREAM_REMASKING
-        if self.remasking not in allowed:
-            raise _bad("remasking", self.remasking, f"{', '.join(allowed)} (for {family})")
+            return profile.default_remasking
+        if self.remasking not in profile.remasking:
+            raise _bad("remasking", self.remasking, f"{', '.join(profile.remasking)} (for {profile.name})")
         return self.remasking
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,53 +127,33 @@ class GenerationConfig:
         return d
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class CacheConfig:
-    """Flat: `policy` plus every policy's parameters; None = that policy's default."""
+    """Flat: `policy` plus that policy's parameters as keywords, e.g. CacheConfig(policy="dllm_cache", kp=25);
+    unset or None = the policy's default. The parameters and their ranges are the policy module's
+    declaration (`POLICY`); a parameter of another policy is an error."""
 
     policy: str = "none"
-    """Cache policy name: none, prefix, dual, dllm_cache, d2cache."""
-    refresh_interval: Optional[int] = None
-    """prefix/dual: also refresh the cache every k steps inside a block (None = once per block)."""
-    kp: Optional[int] = None
-    """dllm_cache: prompt features refreshed every kp forwards (default 50)."""
-    kr: Optional[int] = None
-    """dllm_cache: response features refreshed every kr forwards (default 2)."""
-    rou: Optional[float] = None
-    """dllm_cache: fraction of response tokens recomputed between refreshes (default 0.25)."""
-    rollout_p: Optional[float] = None
-    """d2cache: top-p mass over attention-rollout importance (default 0.1)."""
-    current_k: Optional[int] = None
-    """d2cache: masked tokens recomputed per step by certainty density (default 32)."""
-    sigma: Optional[float] = None
-    """d2cache: Gaussian kernel width of the certainty density (default 10.0)."""
-    inflate_w: Optional[int] = None
-    """d2cache: fill gaps of width <= inflate_w (None = 4 with semi-AR blocks, else 0)."""
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
-    """Parameters of policies registered outside this package."""
+    """Cache policy name: a module of dllm_cache_core/cache/ or a `dllm_cache.policies` entry point."""
+    values: tuple[tuple[str, Any], ...] = ()
+    """The parameters that were set (not None), sorted by name; `params()` fills in the defaults."""
 
-    def __post_init__(self) -> None:
-        from .cache.registry import validate_cache_config
+    def __init__(self, policy: str = "none", extra: Optional[Mapping[str, Any]] = None, **params: Any):
+        """`extra` takes parameters as a mapping (the same as keywords)."""
+        given = {k: v for k, v in {**(extra or {}), **params}.items() if v is not None}
+        object.__setattr__(self, "policy", policy)
+        object.__setattr__(self, "values", tuple(sorted(given.items())))
+        policy_decl(policy).check(given)
 
-        validate_cache_config(self)
+    def __getattr__(self, name: str) -> Any:
+        """A declared parameter reads as its value, or None when unset (cfg.kp)."""
+        if not name.startswith("_") and name in param_names():
+            return dict(self.__dict__.get("values", ())).get(name)
+        raise AttributeError(name)
 
     def params(self) -> dict[str, Any]:
         """The chosen policy's parameters with its defaults filled in."""
-        from .cache.registry import policy_class
-
-        cls = policy_class(self.policy)
-        out = dict(cls.defaults)
-        for k in cls.defaults:
-            v = getattr(self, k, None) if k in _FLAT else self.extra.get(k)
-            if v is not None:
-                out[k] = v
-        return out
+        return policy_decl(self.policy).resolve(dict(self.values))
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"policy": self.policy}
-        d.update({k: getattr(self, k) for k in _FLAT if getattr(self, k) is not None})
-        d.update(self.extra)
-        return d
-
-
-_FLAT = ("refresh_interval", "kp", "kr", "rou", "rollout_p", "current_k", "sigma", "inflate_w")
+        return {"policy": self.policy, **dict(self.values)}

@@ -11,10 +11,11 @@ from typing import Any, Optional, Sequence
 
 from .config import CacheConfig, GenerationConfig
 from .decoding.generate import generate
-from .models.loading import load_model, model_fingerprint
+from .models.fingerprint import model_fingerprint
+from .models.loading import load_model, stop_ids_from_tokenizer
 from .stats import SampleStats
 
-ERROR_TYPES = ("empty_prompt", "too_long", "bad_input", "tokenizer", "oom", "generation")
+__all__ = ["Engine", "TextOutput", "model_fingerprint", "stop_ids_from_tokenizer"]
 
 
 @dataclass
@@ -27,17 +28,9 @@ class TextOutput:
     error_type: Optional[str] = None
 
 
-def stop_ids_from_tokenizer(tok, eos_id: int) -> tuple[int, ...]:
-    """EOS plus the chat template's end-of-turn token (LLaDA <|eot_id|>, Dream <|im_end|>)."""
-    ids = {eos_id}
-    vocab = tok.get_vocab() if tok is not None else {}
-    for t in ("<|eot_id|>", "<|im_end|>"):
-        if t in vocab:
-            ids.add(vocab[t])
-    return tuple(sorted(ids))
-
-
 class Engine:
+    """A model, its tokenizer and the generation and cache settings: text in, text and stats out."""
+
     def __init__(self, model, tokenizer, generation: GenerationConfig, cache: CacheConfig, seed: int = 0,
                  model_path: str = ""):
         self.model, self.tokenizer = model, tokenizer
@@ -88,8 +81,19 @@ class Engine:
         raise _RowError("bad_input", f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
 
     # -- generation -----------------------------------------------------------------------------
+    def chat(self, conversations: Sequence[Sequence[dict]], row_ids: Optional[Sequence] = None) -> list[TextOutput]:
+        """One reply per conversation (a list of {"role", "content"} messages), each through the
+        tokenizer's chat template (vLLM's LLM.chat)."""
+        for i, c in enumerate(conversations):
+            if isinstance(c, (str, dict)):
+                raise TypeError(f"conversations[{i}] is a {type(c).__name__}; a conversation is a list of "
+                                "{'role', 'content'} messages (plain text goes to Engine.generate)")
+        return self.generate([list(c) for c in conversations], row_ids=row_ids)
+
     def generate(self, prompts: Sequence[Any], row_ids: Optional[Sequence] = None,
                  chat_template: bool = False) -> list[TextOutput]:
+        """Plain-text prompts go in raw (no template, as vLLM's LLM.generate) unless chat_template;
+        a prompt that is a list of messages gets the chat template."""
         outs = [TextOutput() for _ in prompts]
         ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         good, good_ids, where = [], [], []

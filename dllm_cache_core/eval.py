@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from .cache.registry import param_names
 from .config import CacheConfig, GenerationConfig
 from .overrides import parse_value
 from .scoring import score_gsm8k
@@ -36,7 +37,7 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, dict[str, Any]]:
     `cache=dual` means `cache.policy=dual`. Unknown keys are errors naming the allowed ones."""
     out: dict[str, dict[str, Any]] = {"run": {}, "dataset": {}, "generation": {}, "cache": {}}
     gen_keys = {f.name for f in fields(GenerationConfig)}
-    cache_keys = {f.name for f in fields(CacheConfig)} - {"extra"}
+    cache_keys = {"policy", *param_names()}
     for arg in argv:
         if "=" not in arg:
             raise ValueError(f"argument {arg!r}: expected key=value")

@@ -25,16 +25,14 @@ from .io import ReadPlan, read_dataset
 from .schema import INTERNAL_PREFIX, conform
 from .spec import JobSpec
 
-DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
-    {"policy": "prefix"},
-    {"policy": "dual"},
-    {"policy": "dual", "refresh_interval": 4},
-    {"policy": "dllm_cache"},
-    {"policy": "dllm_cache", "kr": 1},
-    {"policy": "d2cache"},
-)
-"""Every policy at its defaults, plus a safer setting of the fast ones: dual refreshing its cache every
-4 steps, dllm_cache refreshing the response every step."""
+def default_candidates() -> list[dict[str, Any]]:
+    """Every declared policy but `none` at its defaults, then the settings it declares for calibration
+    (safer, more often refreshed variants: e.g. dual every 4 steps, dllm_cache's response every step)."""
+    from dllm_cache_core.cache.registry import declarations
+
+    return [c for d in declarations() if d.name != "none"
+            for c in ({"policy": d.name}, *({"policy": d.name, **g} for g in d.calibration))]
+
 POOL_FACTOR = 8
 """The stratified sample is drawn from about this many times calibration_rows hashed rows."""
 CANDIDATE = INTERNAL_PREFIX + "candidate"
@@ -49,7 +47,7 @@ def label(cache: dict[str, Any]) -> str:
 def candidates(spec: JobSpec) -> list[dict[str, Any]]:
     """`none` first (the reference), then the configured or default candidates."""
     cands = spec.calibration.candidates
-    return [{"policy": "none"}, *[dict(c) for c in (DEFAULT_CANDIDATES if cands is None else cands)]]
+    return [{"policy": "none"}, *[dict(c) for c in (default_candidates() if cands is None else cands)]]
 
 
 def sample_key(row_id: str, seed: int) -> float:

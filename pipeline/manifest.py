@@ -118,12 +118,13 @@ def mark_success(out_uri: str) -> None:
     fsx.write_bytes_atomic(fs, fsx.join(d, SUCCESS_FILE), now().encode())
 
 
+def is_complete(out_uri: str) -> bool:
+    """`_SUCCESS` is there: the last run finished with every id written once (a no-op re-run's test)."""
+    fs, d = fsx.resolve(out_uri)
+    return fsx.exists(fs, fsx.join(d, SUCCESS_FILE))
+
+
 def clear_success(out_uri: str) -> None:
     fs, d = fsx.resolve(out_uri)
     if fsx.exists(fs, fsx.join(d, SUCCESS_FILE)):
         fs.delete_file(fsx.join(d, SUCCESS_FILE))
-
-
-def is_complete(out_uri: str) -> bool:
-    fs, d = fsx.resolve(out_uri)
-    return fsx.exists(fs, fsx.join(d, SUCCESS_FILE))

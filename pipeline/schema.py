@@ -82,7 +82,6 @@ STATS_FIELDS: list[pa.Field] = [c.field for c in STATS]
 OUTPUT_FIELDS: list[pa.Field] = [c.field for c in OUTPUT]
 OUTPUT_COLUMNS = [f.name for f in OUTPUT_FIELDS]
 STATS_COLUMNS = [f.name for f in STATS_FIELDS]
-ERROR_TYPES = ("empty_prompt", "too_long", "bad_input", "tokenizer", "oom", "generation")
 INTERNAL_PREFIX = "__"
 """Columns the reader adds for the actor (e.g. `__input_error`); never written."""
 INPUT_ERROR = "__input_error"

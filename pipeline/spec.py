@@ -1,8 +1,10 @@
-"""The YAML job spec of shared/DESIGN.md: every field's type, default and allowed values in one place.
+"""The YAML job spec: every field's type, default and allowed values in one place.
 
 Validated before any work starts (pydantic v2, unknown keys rejected). `load_spec` raises `SpecError`
-whose lines each name the field path and the allowed values. The module imports neither Ray nor torch,
-so the eval harness can reuse it (and `apply_overrides`) on any machine.
+whose lines each name the field path and the allowed values. The `cache:` section, the remasking and
+schedule values and the model families are derived from the engine (the policy modules' declarations,
+the decoding profiles, the architecture registry), so they cannot drift from what the engine accepts.
+The module imports no Ray, so the eval harness can reuse it (and `apply_overrides`).
 """
 from __future__ import annotations
 
@@ -11,27 +13,24 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from dllm_cache_core.cache.params import Param
+from dllm_cache_core.cache.registry import declarations, policy_decl, policy_names
+from dllm_cache_core.config import REMASKING, SCHEDULES
+from dllm_cache_core.models.registry import architecture, architecture_names
 from dllm_cache_core.overrides import apply_overrides, normalize_short_forms
 
 from .fs import overlap
 
 __all__ = ["JobSpec", "SpecError", "load_spec", "spec_from_dict", "apply_overrides", "POLICY_PARAMS"]
 
-POLICY_PARAMS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "prefix": ("refresh_interval",),
-    "dual": ("refresh_interval",),
-    "dllm_cache": ("kp", "kr", "rou"),
-    "d2cache": ("rollout_p", "current_k", "sigma", "inflate_w"),
-    "auto": (),
-}
-"""Cache policy -> its parameters (shared/DESIGN.md); a parameter of another policy is an error."""
-LLADA_REMASKING = ("low_confidence", "random")
-DREAM_REMASKING = ("maskgit_plus", "topk_margin", "entropy", "origin")
-INPUT_FORMATS = ("auto", "parquet", "arrow", "jsonl", "hf_disk")
-SCORERS = ("exact", "gsm8k", "regex", "contains")
+AUTO = "auto"
+"""Not a policy but a choice among them: the job calibrates (the `calibration` section)."""
+POLICY_PARAMS: dict[str, tuple[str, ...]] = {**{d.name: tuple(p.name for p in d.params) for d in declarations()},
+                                             AUTO: ()}
+"""Cache policy -> its parameters (from the declarations); a parameter of another policy is an error."""
+FAMILIES = ("auto", *architecture_names())
 
 
 class SpecError(ValueError):
@@ -49,8 +48,8 @@ class _Section(BaseModel):
 class ModelSpec(_Section):
     path: str = "builtin:tiny"
     """Local folder, `builtin:NAME`, or an s3:// / gs:// URI (copied once per node before loading)."""
-    family: Literal["auto", "llada", "dream"] = "auto"
-    """Model family; auto reads it from config.json."""
+    family: Literal[FAMILIES] = "auto"  # type: ignore[valid-type]
+    """Model architecture; auto reads it from config.json (model_type, architectures)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights/activation dtype; auto = bfloat16 on GPU, float32 on CPU."""
 
@@ -86,14 +85,14 @@ class OutputSpec(_Section):
 
 
 class GenerationSpec(_Section):
-    """Mirrors dllm_cache_core.GenerationConfig (shared/DESIGN.md); null = the engine's default."""
+    """Mirrors dllm_cache_core.GenerationConfig; null = the engine's default."""
 
     gen_length: int = Field(default=128, ge=1)
     steps: Optional[int] = Field(default=None, ge=1)
     block_length: Optional[int] = Field(default=None, ge=1)
-    remasking: Optional[Literal["low_confidence", "random", "maskgit_plus", "topk_margin", "entropy", "origin"]] = None
+    remasking: Optional[Literal[REMASKING]] = None  # type: ignore[valid-type]
     alg_temp: float = Field(default=0.0, ge=0.0)
-    schedule: Literal["auto", "llada", "dream"] = "auto"
+    schedule: Literal[SCHEDULES] = "auto"  # type: ignore[valid-type]
     eps: float = Field(default=1e-3, gt=0.0, lt=1.0)
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
@@ -128,29 +127,18 @@ class GenerationSpec(_Section):
         return d
 
 
-class CacheSpec(_Section):
+class _CacheSection(_Section):
     """Flat like dllm_cache_core.CacheConfig: `policy` plus every policy's parameters (null = default)."""
 
-    policy: Literal["none", "prefix", "dual", "dllm_cache", "d2cache", "auto"] = "none"
-    """`auto` calibrates on a sample of the job and runs the fastest candidate that keeps quality
-    (the `calibration` section)."""
-    refresh_interval: Optional[int] = Field(default=None, ge=1)
-    kp: Optional[int] = Field(default=None, ge=1)
-    kr: Optional[int] = Field(default=None, ge=1)
-    rou: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    rollout_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    current_k: Optional[int] = Field(default=None, ge=1)
-    sigma: Optional[float] = Field(default=None, gt=0.0)
-    inflate_w: Optional[int] = Field(default=None, ge=0)
-
     @model_validator(mode="after")
-    def _params_belong_to_policy(self) -> "CacheSpec":
-        own = POLICY_PARAMS[self.policy]
-        for name in self.params_set():
-            if name not in own:
-                allowed = ", ".join(own) or "none"
-                raise ValueError(f"cache.{name} is not a parameter of policy {self.policy!r}; "
-                                 f"its parameters: {allowed}")
+    def _params_belong_to_policy(self) -> "_CacheSection":
+        given = self.params_set()
+        if self.policy == AUTO:  # type: ignore[attr-defined]
+            if given:
+                raise ValueError(f"cache.{next(iter(given))} is not a parameter of policy 'auto'; set parameters "
+                                 "per candidate in calibration.candidates")
+            return self
+        policy_decl(self.policy).check(given)  # type: ignore[attr-defined]
         return self
 
     def params_set(self) -> dict[str, Any]:
@@ -158,7 +146,42 @@ class CacheSpec(_Section):
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for dllm_cache_core.CacheConfig (only the parameters that were set)."""
-        return {"policy": self.policy, **self.params_set()}
+        return {"policy": self.policy, **self.params_set()}  # type: ignore[attr-defined]
+
+
+def _param_field(decls: list[Param]) -> tuple[Any, Any]:
+    """A parameter's spec field; bounds only when every policy declaring it agrees on them (the
+    declaration's own check runs for the chosen policy in any case)."""
+    first = decls[0]
+    same = all((d.type, d.ge, d.gt, d.le) == (first.type, first.ge, first.gt, first.le) for d in decls)
+    bounds = {k: v for k, v in (("ge", first.ge), ("gt", first.gt), ("le", first.le)) if v is not None} if same else {}
+    typ = first.type if same and first.type is not None else Any
+    return Optional[typ], Field(default=None, description=first.doc, **bounds)
+
+
+def cache_section() -> type[_CacheSection]:
+    """The `cache:` section's model, built from the policy declarations."""
+    by_name: dict[str, list[Param]] = {}
+    for d in declarations():
+        for p in d.params:
+            by_name.setdefault(p.name, []).append(p)
+    fields: dict[str, Any] = {"policy": (Literal[(*policy_names(), AUTO)], Field(
+        default="none", description=f"A cache policy, or {AUTO!r}: calibrate on a sample of the job and run the "
+                                    "fastest candidate that keeps quality (the `calibration` section)."))}
+    fields.update({name: _param_field(decls) for name, decls in by_name.items()})
+    return create_model("CacheSpec", __base__=_CacheSection, **fields)
+
+
+CacheSpec = cache_section()
+
+
+def cache_help() -> str:
+    """The cache policies and their parameters, for --help texts."""
+    lines = ["cache policies (cache=NAME or cache.policy=NAME; parameters as cache.PARAM=VALUE):"]
+    for d in declarations():
+        params = "; ".join(f"{p.name}: {p.allowed()}, default {p.default_text()}" for p in d.params) or "no parameters"
+        lines.append(f"  {d.name:<12} {params}")
+    return "\n".join(lines)
 
 
 class CalibrationSpec(_Section):
@@ -166,7 +189,8 @@ class CalibrationSpec(_Section):
 
     candidates: Optional[list[dict[str, Any]]] = None
     """Cache settings to try besides `none` (each like the `cache` section, or a policy name); null =
-    every policy at its defaults plus dual with refresh_interval 4 and dllm_cache with kr 1."""
+    every policy at its defaults plus the settings each policy declares for calibration (e.g. dual with
+    refresh_interval 4, dllm_cache with kr 1)."""
     min_agreement: float = Field(default=0.98, ge=0.0, le=1.0)
     """Token agreement with `none` on the calibration rows that a candidate must reach."""
     min_score_ratio: Optional[float] = Field(default=None, gt=0.0)
@@ -192,9 +216,10 @@ class CalibrationSpec(_Section):
                         (f"{'.'.join(map(str, x['loc']))}: {x['msg']}" if x["loc"] else x["msg"] for x in e.errors())]
                 text = "; ".join(msgs)
                 raise ValueError(text if text.startswith(where) else f"{where}: {text}") from None
-            if cache.policy in ("auto", "none"):
+            if cache.policy in (AUTO, "none"):
+                allowed = ", ".join(n for n in policy_names() if n != "none")
                 raise ValueError(f"{where}: {cache.policy!r} is not a candidate (none is always the reference); "
-                                 "allowed: prefix, dual, dllm_cache, d2cache, with their parameters")
+                                 f"allowed: {allowed}, with their parameters")
             out.append(cache.engine_kwargs())
         return out
 
@@ -278,7 +303,7 @@ class JobSpec(_Section):
     def _cross(self) -> "JobSpec":
         rem, fam = self.generation.remasking, self.model.family
         if rem is not None and fam != "auto":
-            allowed = LLADA_REMASKING if fam == "llada" else DREAM_REMASKING
+            allowed = architecture(fam).profile.remasking
             if rem not in allowed:
                 raise ValueError(f"generation.remasking={rem!r} is not allowed for model.family={fam!r}; "
                                  f"allowed: {', '.join(allowed)}")

@@ -16,7 +16,7 @@ from dllm_cache_core.cache import registry as registry_mod  # noqa: E402
 from engine_fixtures import (FAMILIES, KNOWN_POLICIES, PROMPTS, REQUIRED_POLICIES,  # noqa: E402,F401
                              _one_torch_thread, decode_model, require_policy)
 
-# the policy's parameters with every default filled in (shared/DESIGN.md, "CacheConfig is flat")
+# the policy's parameters with every default filled in (CacheConfig is flat)
 DEFAULTS = {
     "none": {},
     "prefix": {"refresh_interval": None},
@@ -195,7 +195,7 @@ def test_batch_invariance_cfg(policy):
 
 
 # ================================================================================================
-# Exactness against `none` (shared/DESIGN.md, "Cache policies": these settings are exact)
+# Exactness against `none` (each policy declares the settings that are exact)
 # ================================================================================================
 # (policy, parameters); CURRENT_K_ALL is replaced by the generation length (current_k >= gen_length)
 CURRENT_K_ALL = "gen_length"
@@ -331,3 +331,21 @@ def test_failed_capture_falls_back_to_eager(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no memory for the graph pool"):
         got = generate(model, PROMPTS[:2], gen, CacheConfig("dual"))
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_every_declared_exact_setting_equals_none(fam):
+    """Each policy module's `exact` settings (its declaration) return the tokens of `none`."""
+    from dllm_cache_core.cache.registry import declarations
+
+    model = decode_model(fam)[0]
+    checked = 0
+    for mode in ("semi_ar", "threshold"):
+        gen = _gen(mode)
+        ref = [o.token_ids for o in generate(model, PROMPTS, gen, CacheConfig())]
+        for decl in declarations():
+            for setting in decl.exact:
+                got = [o.token_ids for o in generate(model, PROMPTS, gen, CacheConfig(policy=decl.name, **setting))]
+                assert got == ref, (decl.name, setting, mode)
+                checked += 1
+    assert checked >= 2 * 6  # none, prefix, dual, dllm_cache x2, d2cache

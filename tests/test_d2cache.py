@@ -1,5 +1,5 @@
 """d2cache policy: exactness limit, batch invariance (idle rows included), selection helpers, cache
-writes, stats. The lead's tables in test_cache.py / test_stats.py cover it too; these are its own."""
+writes, stats. The tables in test_cache.py / test_stats.py cover it too; these are its own."""
 from __future__ import annotations
 
 import contextlib
@@ -12,9 +12,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dllm_cache_core import CacheConfig, GenerationConfig, generate, token_agreement  # noqa: E402
-from dllm_cache_core.cache.registry import policy_names  # noqa: E402
-
-policy_names()  # load the built-in policies first: the registry loads them only while it is empty
 
 import dllm_cache_core.cache.d2cache as d2  # noqa: E402
 from dllm_cache_core.cache.d2cache import D2Cache, inflate, nucleus, rollout_importance, stage1_pick  # noqa: E402

@@ -15,7 +15,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from dllm_cache_core import load_model  # noqa: E402
-from dllm_cache_core.models.loading import inspect_checkpoint, model_fingerprint  # noqa: E402
+from dllm_cache_core.models.fingerprint import model_fingerprint  # noqa: E402
+from dllm_cache_core.models.loading import inspect_checkpoint  # noqa: E402
 from engine_fixtures import ckpt, copy_ckpt  # noqa: E402
 from pipeline import preflight as pf  # noqa: E402
 

@@ -16,6 +16,7 @@ import torch
 
 from ..models.base import DiffusionLM
 from ..stats import RowCounters
+from .params import Param, PolicyDecl
 
 
 @dataclass
@@ -48,7 +49,7 @@ class DecodeContext:
 
     @property
     def shift(self) -> int:
-        return 1 if self.model.config.logit_shift else 0
+        return 1 if self.model.config.profile.logit_shift else 0
 
 
 @dataclass
@@ -64,18 +65,24 @@ class StepInfo:
 
 
 class CachePolicy:
+    decl: ClassVar[PolicyDecl] = PolicyDecl(name="")
+    """The policy's declaration (its module's POLICY): name, parameters, exactness."""
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
-    """Parameter name -> default; the keys are the policy's allowed CacheConfig parameters."""
+    """Parameter name -> default (from decl). A class may instead set name and defaults only; its
+    parameters then take any value."""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "decl" not in cls.__dict__ and cls.__dict__.get("name"):
+            cls.decl = PolicyDecl(name=cls.name, params=tuple(
+                Param(k, None, v, "") for k, v in cls.__dict__.get("defaults", {}).items()))
+        cls.name, cls.defaults = cls.decl.name, cls.decl.defaults
 
     def __init__(self, ctx: DecodeContext, **params: Any):
         self.ctx = ctx
         self.model = ctx.model
         self.params = params
-
-    @classmethod
-    def check_param(cls, name: str, value: Any) -> None:
-        """Raise ValueError naming cache.<name> when value is out of range."""
 
     # -- the interface the decoding loop uses --------------------------------------------------
     def begin_block(self, step: StepInfo) -> None:

@@ -76,19 +76,30 @@ from __future__ import annotations
 
 import torch
 
-from ..decoding.schedule import certainty_density
 from ..models.layers import attention_probs_mean
 from .base import CachePolicy, DecodeContext, StaticStep, StepInfo
-from .registry import register
+from .certainty import certainty_density
+from .params import Param, PolicyDecl
+
+POLICY = PolicyDecl(
+    name="d2cache",
+    params=(
+        Param("rollout_p", float, 0.1, "top-p mass over attention-rollout importance", gt=0, le=1),
+        Param("current_k", int, 32, "masked tokens recomputed per step by certainty density", ge=1),
+        Param("sigma", float, 10.0, "Gaussian kernel width of the certainty density", gt=0),
+        Param("inflate_w", int, None, "fill gaps of width <= inflate_w (None = 4 with semi-AR blocks, else 0)",
+              ge=0),
+    ),
+    reuses="K/V of all but the selected tokens (certainty density + attention rollout)",
+    exact_when="current_k >= gen_length and rollout_p=1",
+    exact=({"current_k": 4096, "rollout_p": 1.0},),
+    order=4,
+)
 
 
 QUANTUM = 32
 """Slot counts are padded to a multiple of this: each count is one static step (a CUDA graph). The
 stats count real queries only (the method's FLOPs), as for rows padded to the batch's largest count."""
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def rollout_importance(probs: list[torch.Tensor], slots: torch.Tensor, weight: torch.Tensor,
@@ -166,24 +177,8 @@ def top1_confidence(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     return lf.softmax(-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
 
 
-@register
 class D2Cache(CachePolicy):
-    name = "d2cache"
-    defaults = {"rollout_p": 0.1, "current_k": 32, "sigma": 10.0, "inflate_w": None}
-
-    @classmethod
-    def check_param(cls, name, value):
-        """Ranges as the job spec (pipeline/spec.py) validates them."""
-        ok = {
-            "rollout_p": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v <= 1.0,
-            "current_k": lambda v: _is_int(v) and v >= 1,
-            "sigma": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-            "inflate_w": lambda v: v is None or (_is_int(v) and v >= 0),
-        }
-        allowed = {"rollout_p": "a number in (0, 1]", "current_k": "an integer >= 1",
-                   "sigma": "a positive number", "inflate_w": "an integer >= 0 or None"}
-        if name in ok and not ok[name](value):
-            raise ValueError(f"cache.{name}={value!r} is not allowed; allowed: {allowed[name]}")
+    decl = POLICY
 
     def __init__(self, ctx: DecodeContext, **params):
         super().__init__(ctx, **params)

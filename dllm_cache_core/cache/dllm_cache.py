@@ -24,7 +24,22 @@ import torch
 import torch.nn.functional as F
 
 from .base import CachePolicy, StepInfo
-from .registry import register
+from .params import Param, PolicyDecl
+
+POLICY = PolicyDecl(
+    name="dllm_cache",
+    params=(
+        Param("kp", int, 50, "prompt features refreshed every kp forwards", ge=1),
+        Param("kr", int, 2, "response features refreshed every kr forwards", ge=1),
+        Param("rou", float, 0.25, "share of response tokens recomputed between refreshes (0 = none)", ge=0, le=1),
+    ),
+    reuses="per-layer K/V, attention and MLP outputs, prompt and response refreshed separately, "
+           "V-similarity adaptive updates",
+    exact_when="kp=kr=1, or kp=1 and rou=1",
+    exact=({"kp": 1, "kr": 1}, {"kp": 1, "rou": 1.0}),
+    order=3,
+    calibration=({"kr": 1},),
+)
 
 
 def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -37,17 +52,8 @@ def _put(t: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
     t.scatter_(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(src.shape), src)
 
 
-@register
 class DLLMCache(CachePolicy):
-    name = "dllm_cache"
-    defaults = {"kp": 50, "kr": 2, "rou": 0.25}
-
-    @classmethod
-    def check_param(cls, name, value):
-        if name in ("kp", "kr") and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"cache.{name}={value!r} is not allowed; allowed: a positive integer")
-        if name == "rou" and not (isinstance(value, (int, float)) and 0.0 <= float(value) <= 1.0):
-            raise ValueError(f"cache.rou={value!r} is not allowed; allowed: a number in [0, 1]")
+    decl = POLICY
 
     def __init__(self, ctx, **params):
         super().__init__(ctx, **params)

@@ -3,13 +3,16 @@ steps feed only the block, overwrite its K/V in place and attend to the stored p
 from __future__ import annotations
 
 from .base import StepInfo
-from .prefix import PrefixCache
-from .registry import register
+from .params import PolicyDecl
+from .prefix import REFRESH_INTERVAL, PrefixCache
+
+POLICY = PolicyDecl(name="dual", params=(REFRESH_INTERVAL,), reuses="K/V of the prefix and the masked suffix",
+                    exact_when="refresh_interval=1", exact=({"refresh_interval": 1},), order=2,
+                    calibration=({"refresh_interval": 4},))
 
 
-@register
 class DualCache(PrefixCache):
-    name = "dual"
+    decl = POLICY
 
     def forward(self, x, step: StepInfo):
         if self.refresh(step):

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 from .base import CachePolicy, StepInfo
-from .registry import register
+from .params import PolicyDecl
+
+POLICY = PolicyDecl(name="none", reuses="nothing (reference path)", exact_when="always", exact=({},), order=0)
 
 
-@register
 class NoCache(CachePolicy):
-    name = "none"
-    defaults: dict = {}
+    decl = POLICY
 
     def forward(self, x, step: StepInfo):
         return self.full_forward(x, step)

@@ -3,26 +3,20 @@ first (full) forward; later steps recompute the block and every later position a
 from __future__ import annotations
 
 from .base import CachePolicy, StepInfo
-from .registry import register
+from .params import Param, PolicyDecl
+
+REFRESH_INTERVAL = Param("refresh_interval", int, None, "also refresh the cache every k steps inside a block "
+                         "(None = once per block; 1 = every step)", ge=1)
+POLICY = PolicyDecl(name="prefix", params=(REFRESH_INTERVAL,), reuses="K/V before the current block",
+                    exact_when="refresh_interval=1", exact=({"refresh_interval": 1},), order=1)
 
 
-def check_refresh_interval(name: str, value) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"cache.{name}={value!r} is not allowed; allowed: a positive integer or None")
-
-
-@register
 class PrefixCache(CachePolicy):
-    name = "prefix"
-    defaults = {"refresh_interval": None}
+    decl = POLICY
 
     def __init__(self, ctx, **params):
         super().__init__(ctx, **params)
         self.kv = self.kv_buffers()
-
-    @classmethod
-    def check_param(cls, name, value):
-        check_refresh_interval(name, value)
 
     def refresh(self, step: StepInfo) -> bool:
         k = self.params.get("refresh_interval")

@@ -18,8 +18,8 @@ from ..cache.registry import policy_class
 from ..config import CacheConfig, GenerationConfig
 from ..models.base import DiffusionLM
 from ..stats import FlopsModel, RowCounters, SampleStats
-from .sampling import dream_choose, llada_choose, sample_commit, threshold_commit, topk_commit
-from .schedule import certainty_density, dream_timesteps, dream_transfer_count, llada_transfer_counts
+from .sampling import SAMPLERS, sample_commit, threshold_commit, topk_commit
+from .schedule import certainty_density, schedule_for
 
 
 @dataclass
@@ -51,9 +51,10 @@ class _Decoder:
     def __init__(self, model: DiffusionLM, prompts, gen: GenerationConfig, cache: CacheConfig, seed: int,
                  row_ids):
         self.model, self.gen, self.cfg = model, gen, model.config
-        self.family = self.cfg.family
-        self.remasking = gen.remasking_for(self.family)
-        self.mask_id = self.cfg.mask_id if gen.mask_id is None else gen.mask_id
+        self.profile = self.cfg.profile
+        self.remasking = gen.remasking_for(self.profile)
+        self.schedule = schedule_for(gen.schedule, self.profile.schedule, gen.eps)
+        self.mask_id = self.profile.mask_id if gen.mask_id is None else gen.mask_id
         dev = model.device
         B = self.B = len(prompts)
         plen = torch.tensor([len(p) for p in prompts], device=dev)
@@ -83,7 +84,7 @@ class _Decoder:
         self.policy = policy_class(cache.policy)(self.ctx, **cache.params())
         ids = list(range(B)) if row_ids is None else list(row_ids)
         self.gens = [torch.Generator(device=dev).manual_seed(row_seed(seed, r)) for r in ids]
-        stops = gen.stop_token_ids or getattr(model, "default_stop_ids", None) or (self.cfg.eos_id,)
+        stops = gen.stop_token_ids or self.profile.stop_ids
         self.stop_ids = torch.tensor(sorted(set(stops)), device=dev)
         self.stopped = torch.zeros(B, dtype=torch.bool, device=dev)
         self.steps = torch.zeros(B, dtype=torch.long, device=dev)
@@ -119,18 +120,14 @@ class _Decoder:
         return [g if a else None for g, a in zip(self.gens, active.tolist())]
 
     def choose(self, logits: torch.Tensor, threshold_mode: bool, gens: list) -> tuple[torch.Tensor, torch.Tensor]:
-        g = self.gen
-        if self.family == "llada":
-            return llada_choose(logits, temperature=g.temperature, remasking=self.remasking, mask_id=self.mask_id,
-                                eos_id=self.cfg.eos_id, eot_id=getattr(self.model, "eot_id", None),
-                                logits_eos_inf=g.logits_eos_inf, confidence_eos_eot_inf=g.confidence_eos_eot_inf,
-                                gens=gens)
-        # Threshold decoding and the certainty prior rank by the top-1 probability (Fast-dLLM's
-        # confidence_threshold; d2Cache's prior multiplies a probability, and Dream's negative
-        # entropy would flip its sign).
-        alg = "maskgit_plus" if threshold_mode or g.certainty_prior_sigma is not None else self.remasking
-        return dream_choose(logits, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, alg=alg,
-                            mask_id=self.mask_id, gens=gens)
+        g, prof = self.gen, self.profile
+        # Threshold decoding and the certainty prior rank by the profile's threshold confidence when it
+        # has one (Dream: the top-1 probability, as Fast-dLLM's confidence_threshold; d2Cache's prior
+        # multiplies a probability, and Dream's negative entropy would flip its sign).
+        ranked = threshold_mode or g.certainty_prior_sigma is not None
+        remasking = prof.threshold_remasking if ranked and prof.threshold_remasking else self.remasking
+        return SAMPLERS[prof.sampler](logits, g, remasking=remasking, mask_id=self.mask_id, eos_id=prof.eos_id,
+                                      eot_id=prof.eot_id, gens=gens)
 
     def score(self, conf: torch.Tensor, s: int, e: int) -> torch.Tensor:
         sigma = self.gen.certainty_prior_sigma
@@ -149,11 +146,11 @@ class _Decoder:
         s, e = P + b * BL, P + (b + 1) * BL
         spb = g.steps_per_block
         live = ~self.stopped
-        dream_blocks = self.family == "dream" and g.num_blocks > 1
+        first_commit = self.profile.commit_first_of_block and g.num_blocks > 1
         step = StepInfo(block=b, start=s, end=e, step=0, nfe=self.nfe)
         self.policy.begin_block(step)
         i = 0
-        if dream_blocks:  # Fast-dLLM's Dream block sampler: the block's first position from its first forward
+        if first_commit:  # Fast-dLLM's Dream block sampler: the block's first position from its first forward
             logits = self.predict(step, live)
             x0, conf = self.choose(logits, g.threshold is not None, self.row_gens(live))
             first = torch.zeros_like(x0, dtype=torch.bool)
@@ -163,8 +160,7 @@ class _Decoder:
             i = 1
         # Fixed schedules are the same for every live row (each block starts fully masked), so the
         # per-step counts live on the host: no device sync in the step loop.
-        ts = dream_timesteps(spb, g.eps) if self.family == "dream" else None
-        counts = llada_transfer_counts(torch.tensor([BL]), spb)[0].tolist() if ts is None else None
+        plan = self.schedule.block(BL - i, i, spb)
         n_left = BL - i
         while True:
             if g.threshold is None and (i >= spb or n_left <= 0):
@@ -180,12 +176,10 @@ class _Decoder:
             score = self.score(conf, s, e)
             if g.threshold is not None:
                 chosen = threshold_commit(score, conf, cand, g.threshold)
-            elif ts is None:
-                chosen = topk_commit(score, cand, counts[i])
             else:
-                k = int(dream_transfer_count(torch.tensor([n_left]), i, spb, ts)[0])
+                k = plan.count(i, n_left)
                 if self.remasking == "origin":
-                    p = 1.0 if i >= spb - 1 else float(1 - ts[i + 1] / ts[i])
+                    p = plan.reveal_prob(i, n_left)
                     u = torch.stack([torch.rand(BL, generator=gg, device=self.x.device) if gg is not None
                                      else torch.ones(BL, device=self.x.device) for gg in gens])
                     chosen = cand & (u < p)
@@ -198,8 +192,6 @@ class _Decoder:
                 else:
                     chosen = topk_commit(score, cand, k)
                     n_left -= k
-            if ts is None and g.threshold is None:
-                n_left -= counts[i]
             self.commit(s, e, x0, chosen)
             self.policy.end_step(self.x, chosen, conf, step)
             i += 1
@@ -208,9 +200,9 @@ class _Decoder:
 
     def run(self) -> list[GenerationOutput]:
         g = self.gen
-        if self.family == "dream" and g.num_blocks > 1 and g.threshold is None and g.steps_per_block < 2:
-            raise ValueError(f"steps={g.total_steps}: Dream with {g.num_blocks} blocks needs at least 2 steps per "
-                             "block (the first forward of a block commits only its first position)")
+        if self.profile.commit_first_of_block and g.num_blocks > 1 and g.threshold is None and g.steps_per_block < 2:
+            raise ValueError(f"steps={g.total_steps}: {self.profile.name} with {g.num_blocks} blocks needs at least "
+                             "2 steps per block (the first forward of a block commits only its first position)")
         t0 = time.perf_counter()
         try:
             for b in range(g.num_blocks):

@@ -1,14 +1,17 @@
-"""Token choice and confidence, per family (reference semantics), never committing the mask token.
+"""Token choice and confidence, per decoding profile (reference semantics), never committing the mask token.
 
 All maths in fp32 (fp64 for the LLaDA Gumbel noise, as the reference). Per-row generators make
 sampled outputs independent of batch composition.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ..config import GenerationConfig
 
 
 def _per_row_rand(shape: tuple, gens: Sequence[Optional[torch.Generator]], dtype, device) -> torch.Tensor:
@@ -130,3 +133,21 @@ def sample_commit(score: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor
         idx = torch.multinomial(p, kb, replacement=False, generator=gens[b])
         out[b, idx] = True
     return out & candidates
+
+
+def llada_sampler(logits: torch.Tensor, gen: "GenerationConfig", *, remasking: str, mask_id: int, eos_id: int,
+                  eot_id: Optional[int], gens: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    return llada_choose(logits, temperature=gen.temperature, remasking=remasking, mask_id=mask_id, eos_id=eos_id,
+                        eot_id=eot_id, logits_eos_inf=gen.logits_eos_inf,
+                        confidence_eos_eot_inf=gen.confidence_eos_eot_inf, gens=gens)
+
+
+def dream_sampler(logits: torch.Tensor, gen: "GenerationConfig", *, remasking: str, mask_id: int, eos_id: int,
+                  eot_id: Optional[int], gens: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+    return dream_choose(logits, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, alg=remasking,
+                        mask_id=mask_id, gens=gens)
+
+
+Sampler = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+SAMPLERS: dict[str, Sampler] = {"llada": llada_sampler, "dream": dream_sampler}
+"""DecodingProfile.sampler -> (x0, confidence) for (B, n, V) logits, one signature for the loop."""

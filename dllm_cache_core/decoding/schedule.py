@@ -1,9 +1,16 @@
-"""How many masked tokens each step commits: LLaDA's linear schedule and Dream's timestep schedule."""
+"""How many masked tokens each step commits: LLaDA's linear schedule and Dream's timestep schedule.
+
+`GenerationConfig.schedule` picks one by name (`auto` = the model's decoding profile's); the block
+loop asks the schedule's per-block plan for each step's count. Counts are host integers: a fixed
+schedule is the same for every live row (each block starts fully masked), so no device sync.
+"""
 from __future__ import annotations
 
-import functools
+from typing import ClassVar
 
 import torch
+
+from ..cache.certainty import certainty_density  # noqa: F401  (the certainty-prior score, re-exported)
 
 
 def llada_transfer_counts(n_mask: torch.Tensor, steps: int) -> torch.Tensor:
@@ -27,22 +34,76 @@ def dream_transfer_count(n_mask: torch.Tensor, i: int, steps: int, timesteps: to
     return (n_mask.to(torch.float32) * (1 - s / t)).long()
 
 
-def certainty_density(decoded: torch.Tensor, sigma: float) -> torch.Tensor:
-    """d2Cache's certainty density of a (B, G) decoded indicator: Gaussian-weighted share of decoded
-    neighbours, with the prompt side counted as decoded and the right side as decoded only when the
-    last response token is, normalised by the full kernel sum (direct sum instead of the reference's FFT)."""
-    B, G = decoded.shape
-    ind = decoded.float()
-    ext = torch.cat([torch.ones(B, G, device=decoded.device), ind, ind[:, -1:].expand(B, G)], dim=1)  # (B, 3G)
-    return ext @ _density_weights(G, float(sigma), decoded.device)
+class BlockPlan:
+    """One block's fixed-schedule steps: how many tokens step i commits, given n_left still masked."""
+
+    def count(self, i: int, n_left: int) -> int:
+        raise NotImplementedError
+
+    def reveal_prob(self, i: int, n_left: int) -> float:
+        """Probability that a masked position is revealed at step i (random reveal, Dream's `origin`)."""
+        raise NotImplementedError
 
 
-@functools.lru_cache(maxsize=16)
-def _density_weights(G: int, sigma: float, device: torch.device) -> torch.Tensor:
-    """(3G, G) Gaussian weights over the extended canvas, already divided by the kernel sum."""
-    i = torch.arange(G, device=device).unsqueeze(1) + G
-    j = torch.arange(3 * G, device=device).unsqueeze(0)
-    w = torch.exp(-((i - j).float() ** 2) / (2 * sigma ** 2))  # (G, 3G)
-    d = torch.arange(-3 * G, 3 * G, device=device).float()
-    z = torch.exp(-(d ** 2) / (2 * sigma ** 2)).sum()
-    return (w / z).t().contiguous()
+class Schedule:
+    name: ClassVar[str] = ""
+
+    def __init__(self, eps: float):
+        self.eps = eps
+
+    def block(self, n_mask: int, first: int, steps: int) -> BlockPlan:
+        """The plan for steps first..steps-1 of a block that has n_mask masked positions at step `first`."""
+        raise NotImplementedError
+
+
+class _LinearPlan(BlockPlan):
+    def __init__(self, n_mask: int, first: int, steps: int):
+        self.first = first
+        self.counts = llada_transfer_counts(torch.tensor([n_mask]), steps - first)[0].tolist()
+
+    def count(self, i: int, n_left: int) -> int:
+        return self.counts[i - self.first]
+
+    def reveal_prob(self, i: int, n_left: int) -> float:
+        return min(1.0, self.counts[i - self.first] / max(n_left, 1))
+
+
+class LinearSchedule(Schedule):
+    """LLaDA: the block's masks spread evenly over its steps, the remainder on the earliest ones."""
+
+    name = "llada"
+
+    def block(self, n_mask: int, first: int, steps: int) -> BlockPlan:
+        return _LinearPlan(n_mask, first, steps)
+
+
+class _TimestepPlan(BlockPlan):
+    def __init__(self, steps: int, eps: float):
+        self.steps = steps
+        self.ts = dream_timesteps(steps, eps)
+
+    def count(self, i: int, n_left: int) -> int:
+        return int(dream_transfer_count(torch.tensor([n_left]), i, self.steps, self.ts)[0])
+
+    def reveal_prob(self, i: int, n_left: int) -> float:
+        return 1.0 if i >= self.steps - 1 else float(1 - self.ts[i + 1] / self.ts[i])
+
+
+class TimestepSchedule(Schedule):
+    """Dream: timesteps linspace(1, eps, steps + 1); step i commits n_left * (1 - t_{i+1} / t_i)."""
+
+    name = "dream"
+
+    def block(self, n_mask: int, first: int, steps: int) -> BlockPlan:
+        return _TimestepPlan(steps, self.eps)
+
+
+SCHEDULES: dict[str, type[Schedule]] = {c.name: c for c in (LinearSchedule, TimestepSchedule)}
+
+
+def schedule_for(name: str, profile_schedule: str, eps: float) -> Schedule:
+    """The schedule `name` (GenerationConfig.schedule); `auto` = the decoding profile's."""
+    key = profile_schedule if name == "auto" else name
+    if key not in SCHEDULES:
+        raise ValueError(f"schedule={name!r} is not allowed; allowed: auto, {', '.join(SCHEDULES)}")
+    return SCHEDULES[key](eps)

@@ -5,12 +5,14 @@ Cache policies never subclass models: they pass ``layer_fn`` to ``forward`` and 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
+from .profile import DecodingProfile
 from .layers import DecoderLayer, apply_rope, attend, rope_tables
 
 # layer_fn(layer_index, layer, h, cos, sin) -> h
@@ -19,6 +21,15 @@ LayerFn = Callable[[int, DecoderLayer, torch.Tensor, torch.Tensor, torch.Tensor]
 
 class DiffusionLM(nn.Module):
     config: ModelConfig
+
+    @property
+    def default_stop_ids(self) -> tuple[int, ...]:
+        """EOS plus the chat template's end-of-turn token (from the decoding profile)."""
+        return self.config.profile.stop_ids
+
+    @property
+    def eot_id(self) -> Optional[int]:
+        return self.config.profile.eot_id
 
     # -- family hooks -------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -79,3 +90,19 @@ class DiffusionLM(nn.Module):
         if out_index is not None:
             h = h.gather(1, out_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         return self.head(h)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A weight layout, registered under the exact config.json names that select it."""
+
+    name: str
+    model_types: tuple[str, ...]
+    """Exact `model_type` values."""
+    architectures: tuple[str, ...]
+    """Exact `architectures` entries (used when model_type is absent or unknown)."""
+    read_config: Callable[[dict[str, Any]], ModelConfig]
+    """config.json -> ModelConfig (with its decoding profile)."""
+    model_class: type[DiffusionLM]
+    profile: DecodingProfile
+    """The decoding profile its configs carry."""

@@ -21,6 +21,8 @@ HEADER_LIMIT = 100 << 20
 """A safetensors header longer than this is not one (real headers are kilobytes to a few MB)."""
 FULL_HASH_LIMIT = 64 << 20
 """Files up to this size are hashed in full; larger safetensors files by header and size."""
+CHUNK = 1 << 20
+"""Files are hashed in chunks of this size, never read whole into memory."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -132,7 +134,7 @@ def fingerprint(entries: Iterable[tuple[str, int]], open_file: Opener) -> str:
                 h.update(f.read(min(n, HEADER_LIMIT)))
                 h.update(str(size).encode())
             else:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
+                for chunk in iter(lambda: f.read(CHUNK), b""):
                     h.update(chunk)
     return h.hexdigest()[:16]
 

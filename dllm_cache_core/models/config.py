@@ -1,16 +1,26 @@
-"""One family-agnostic model config, read from each family's own config.json field names."""
+"""One family-agnostic model config, read from each architecture's own config.json field names.
+
+Sizes are checked here, before anything is allocated: a zero, negative or absurd size in config.json
+is an error naming the field, not an out-of-memory crash or a silent empty tensor later.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-FAMILIES = ("llada", "dream")
+from .profile import DecodingProfile
+
+MAX_SIZES: dict[str, int] = {
+    "vocab": 1 << 22, "d_model": 1 << 16, "n_layers": 1024, "n_heads": 1024, "head_dim": 1024,
+    "mlp_hidden": 1 << 20, "mlp_ratio": 64, "max_len": 1 << 24,
+}
+"""Sane maxima (several times the largest released models'); a config beyond them is refused."""
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     family: str
-    """`llada` or `dream`: picks the module tree (parameter names) and the numerics."""
+    """The architecture's registry name (`llada`, `dream`): picks the module tree (parameter names)."""
     vocab_size: int
     """Rows of the embedding and LM head (LLaDA: embedding_size, padded)."""
     d_model: int
@@ -30,10 +40,10 @@ class ModelConfig:
     eos_id: int
     pad_id: int | None
     max_len: int
-    logit_shift: bool
-    """Dream reads the prediction for position j from the output at j-1 (AR heritage)."""
     rope_fp32: bool
     """LLaDA rotates q/k in fp32; Dream casts cos/sin to the activation dtype first."""
+    profile: DecodingProfile
+    """How this model decodes (sampler, remasking, schedule, logit shift, mask/stop/eot ids)."""
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -44,73 +54,60 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
-
-def detect_family(cfg: dict[str, Any]) -> str:
-    mt = str(cfg.get("model_type", "")).lower()
-    archs = [str(a).lower() for a in cfg.get("architectures", []) or []]
-    if mt == "llada" or any("llada" in a for a in archs):
-        return "llada"
-    if mt == "dream" or any("dream" in a for a in archs):
-        return "dream"
-    raise ValueError(
-        f"config.json: model_type={cfg.get('model_type')!r} architectures={cfg.get('architectures')!r} "
-        f"is not a supported family; allowed: {', '.join(FAMILIES)}"
-    )
+    def with_stop_ids(self, stop_ids: tuple[int, ...]) -> "ModelConfig":
+        return replace(self, profile=self.profile.with_stop_ids(stop_ids))
 
 
-def _need(cfg: dict[str, Any], key: str) -> Any:
+def need(cfg: dict[str, Any], key: str) -> Any:
     if key not in cfg or cfg[key] is None:
         raise ValueError(f"config.json: missing required field {key!r}")
     return cfg[key]
 
 
-def _first_id(v: Any) -> int | None:
+def size(cfg: dict[str, Any], key: str, limit: str, default: Any = None) -> int:
+    """A positive integer field of config.json, at most MAX_SIZES[limit]; `default` when absent."""
+    v = need(cfg, key) if default is None else cfg.get(key)
+    v = default if v is None else v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+        raise ValueError(f"config.json: {key}={v!r} is not allowed; allowed: a positive integer")
+    v = int(v)
+    if v <= 0:
+        raise ValueError(f"config.json: {key}={v} is not allowed; allowed: a positive integer")
+    if v > MAX_SIZES[limit]:
+        raise ValueError(f"config.json: {key}={v} is not allowed; allowed: at most {MAX_SIZES[limit]}")
+    return v
+
+
+def first_id(v: Any) -> int | None:
     if isinstance(v, list):
         return int(v[0]) if v else None
     return None if v is None else int(v)
 
 
-def llada_config(cfg: dict[str, Any]) -> ModelConfig:
-    act = cfg.get("activation_type", "silu")
-    if act != "silu":
-        raise ValueError(f"config.json: activation_type={act!r} is not supported; allowed: silu")
-    d = int(_need(cfg, "d_model"))
-    n_heads = int(_need(cfg, "n_heads"))
-    n_kv = int(cfg.get("n_kv_heads") or n_heads)
-    hidden = cfg.get("mlp_hidden_size") or int(cfg.get("mlp_ratio", 4)) * d
-    vocab = int(cfg.get("embedding_size") or _need(cfg, "vocab_size"))
-    include_bias = bool(cfg.get("include_bias", False))
-    return ModelConfig(
-        family="llada", vocab_size=vocab, d_model=d, n_layers=int(_need(cfg, "n_layers")),
-        n_heads=n_heads, n_kv_heads=n_kv, head_dim=d // n_heads, mlp_hidden=int(hidden),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)), rms_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        qkv_bias=include_bias or bool(cfg.get("include_qkv_bias", False)), out_bias=include_bias,
-        tie_embeddings=bool(cfg.get("weight_tying", False)),
-        mask_id=int(_need(cfg, "mask_token_id")), eos_id=int(_need(cfg, "eos_token_id")),
-        pad_id=_first_id(cfg.get("pad_token_id")), max_len=int(cfg.get("max_sequence_length", 4096)),
-        logit_shift=False, rope_fp32=True, raw=cfg,
-    )
+def token_id(cfg: dict[str, Any], key: str, vocab: int, required: bool = True) -> int | None:
+    """A token id field (an int or a list, the first counts), inside the vocabulary."""
+    v = first_id(need(cfg, key) if required else cfg.get(key))
+    if v is not None and not 0 <= v < vocab:
+        raise ValueError(f"config.json: {key}={v} is not allowed; allowed: 0 <= id < {vocab} (the vocabulary)")
+    return v
 
 
-def dream_config(cfg: dict[str, Any]) -> ModelConfig:
-    d = int(_need(cfg, "hidden_size"))
-    n_heads = int(_need(cfg, "num_attention_heads"))
-    n_kv = int(cfg.get("num_key_value_heads") or n_heads)
-    return ModelConfig(
-        family="dream", vocab_size=int(_need(cfg, "vocab_size")), d_model=d,
-        n_layers=int(_need(cfg, "num_hidden_layers")), n_heads=n_heads, n_kv_heads=n_kv,
-        head_dim=int(cfg.get("head_dim") or d // n_heads), mlp_hidden=int(_need(cfg, "intermediate_size")),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)), rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        qkv_bias=True, out_bias=False, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        mask_id=int(_need(cfg, "mask_token_id")), eos_id=int(_first_id(_need(cfg, "eos_token_id"))),
-        pad_id=_first_id(cfg.get("pad_token_id")),
-        max_len=int(cfg.get("max_position_embeddings", 32768)),
-        logit_shift=True, rope_fp32=False, raw=cfg,
-    )
+def check_heads(d_model: int, n_heads: int, n_kv: int, head_dim: int | None, keys: tuple[str, str, str]) -> int:
+    """The head dim (d_model // n_heads unless given); n_kv must divide n_heads."""
+    if head_dim is None and d_model % n_heads:
+        raise ValueError(f"config.json: {keys[0]}={d_model} must be divisible by {keys[1]}={n_heads}")
+    if n_heads % n_kv:
+        raise ValueError(f"config.json: {keys[1]}={n_heads} must be a multiple of {keys[2]}={n_kv}")
+    return head_dim or d_model // n_heads
 
 
-def model_config(cfg: dict[str, Any], family: str = "auto") -> ModelConfig:
-    fam = detect_family(cfg) if family == "auto" else family
-    if fam not in FAMILIES:
-        raise ValueError(f"model.family={family!r} is not allowed; allowed: auto, {', '.join(FAMILIES)}")
-    return llada_config(cfg) if fam == "llada" else dream_config(cfg)
+def positive(cfg: dict[str, Any], key: str, default: float) -> float:
+    v = float(cfg.get(key, default))
+    if not v > 0:
+        raise ValueError(f"config.json: {key}={v} is not allowed; allowed: a positive number")
+    return v
+
+
+def with_profile(cfg: ModelConfig) -> ModelConfig:
+    """The config with its profile's ids filled in from the config (stop ids: EOS until a tokenizer)."""
+    return replace(cfg, profile=cfg.profile.with_ids(cfg.mask_id, cfg.eos_id))

@@ -5,9 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import DiffusionLM
-from .config import ModelConfig
+from typing import Any
+
+from .base import Architecture, DiffusionLM
+from .config import ModelConfig, check_heads, positive, size, token_id, with_profile
 from .layers import DecoderLayer, RMSNorm, check_config, gated_mlp, linear
+from .profile import DREAM
 
 
 class _Attn(nn.Module):
@@ -32,7 +35,6 @@ class DreamLayer(DecoderLayer):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.head_dim = cfg.head_dim
         self.self_attn = _Attn(cfg)
         self.mlp = _MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_eps)
@@ -85,3 +87,27 @@ class DreamModel(DiffusionLM):
         if self.config.tie_embeddings:
             return F.linear(h, self.model.embed_tokens.weight)
         return self.lm_head(h)
+
+
+def dream_config(cfg: dict[str, Any]) -> ModelConfig:
+    d = size(cfg, "hidden_size", "d_model")
+    n_heads = size(cfg, "num_attention_heads", "n_heads")
+    n_kv = size(cfg, "num_key_value_heads", "n_heads", default=n_heads)
+    head_dim = size(cfg, "head_dim", "head_dim") if cfg.get("head_dim") is not None else None
+    head_dim = check_heads(d, n_heads, n_kv, head_dim, ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    vocab = size(cfg, "vocab_size", "vocab")
+    return with_profile(ModelConfig(
+        family="dream", vocab_size=vocab, d_model=d,
+        n_layers=size(cfg, "num_hidden_layers", "n_layers"), n_heads=n_heads, n_kv_heads=n_kv,
+        head_dim=head_dim, mlp_hidden=size(cfg, "intermediate_size", "mlp_hidden"),
+        rope_theta=positive(cfg, "rope_theta", 10000.0), rms_eps=positive(cfg, "rms_norm_eps", 1e-6),
+        qkv_bias=True, out_bias=False, tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        mask_id=token_id(cfg, "mask_token_id", vocab), eos_id=token_id(cfg, "eos_token_id", vocab),
+        pad_id=token_id(cfg, "pad_token_id", vocab, required=False),
+        max_len=size(cfg, "max_position_embeddings", "max_len", default=32768),
+        rope_fp32=False, profile=DREAM, raw=cfg,
+    ))
+
+
+ARCHITECTURE = Architecture(name="dream", model_types=("Dream",), architectures=("DreamModel",),
+                            read_config=dream_config, model_class=DreamModel, profile=DREAM)

@@ -128,7 +128,5 @@ def gated_mlp(x: torch.Tensor, gate: nn.Linear, up: nn.Linear, down: nn.Linear) 
 
 
 def check_config(cfg: ModelConfig) -> None:
-    if cfg.d_model % cfg.n_heads and cfg.head_dim * cfg.n_heads != cfg.q_dim:
-        raise ValueError(f"config: d_model={cfg.d_model} not divisible by n_heads={cfg.n_heads}")
     if cfg.n_heads % cfg.n_kv_heads:
         raise ValueError(f"config: n_heads={cfg.n_heads} not a multiple of n_kv_heads={cfg.n_kv_heads}")

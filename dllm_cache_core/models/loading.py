@@ -13,11 +13,9 @@ from safetensors import safe_open
 from .base import DiffusionLM
 from .checkpoint import (DTYPE_BYTES, FLOAT_DTYPES, CheckpointInfo, Opener, TensorEntry, check_complete, check_entry,
                          expected_shapes, fingerprint, local_files, numel, read_header, read_to_cuda, weight_names)
-from .config import ModelConfig, model_config
-from .dream import DreamModel
-from .llada import LLaDAModelLM
+from .config import ModelConfig
+from .registry import build_model, model_config
 
-ARCHITECTURES: dict[str, type[DiffusionLM]] = {"llada": LLaDAModelLM, "dream": DreamModel}
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "builtin"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -125,24 +123,39 @@ def _load_tokenizer(path: Path, AutoTokenizer, PreTrainedTokenizerFast):
                      "tokenizer.json or vocab.json+merges.txt is there to load it without")
 
 
+def stop_ids_from_tokenizer(tok, eos_id: int, eot_tokens: tuple[str, ...] = ("<|eot_id|>", "<|im_end|>")
+                            ) -> tuple[int, ...]:
+    """EOS plus the end-of-turn tokens (the decoding profile's) that the tokenizer has."""
+    ids = {eos_id}
+    vocab = tok.get_vocab() if tok is not None else {}
+    for t in eot_tokens:
+        if t in vocab:
+            ids.add(vocab[t])
+    return tuple(sorted(ids))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r}: CUDA was requested but torch.cuda.is_available() is False "
+                         "(no GPU, or a CPU-only torch build); allowed here: cpu")
+    return dev
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32",
                family: str = "auto", tokenizer: bool = True):
-    """(model, tokenizer) from a local checkpoint folder or `builtin:NAME`; never touches the network."""
+    """(model, tokenizer) from a local checkpoint folder or `builtin:NAME`; never touches the network.
+    The tokenizer's end-of-turn token joins the model's stop ids (its config's decoding profile)."""
     p = resolve_path(path)
     cfg = read_config(p, family)
-    dev, dt = torch.device(device), resolve_dtype(dtype)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
     with torch.device("meta"):
-        model = ARCHITECTURES[cfg.family](cfg)
+        model = build_model(cfg)
     load_weights(model, p, dev, dt)
     model.eval().requires_grad_(False)
-    model.source_path = str(p)  # type: ignore[attr-defined]
     tok = load_tokenizer(p) if tokenizer else None
     if tok is not None:
-        from ..engine import stop_ids_from_tokenizer
-
-        model.default_stop_ids = stop_ids_from_tokenizer(tok, cfg.eos_id)  # type: ignore[attr-defined]
-        eot = [t for t in model.default_stop_ids if t != cfg.eos_id]  # type: ignore[attr-defined]
-        model.eot_id = eot[0] if eot else None  # type: ignore[attr-defined]
+        model.config = cfg.with_stop_ids(stop_ids_from_tokenizer(tok, cfg.eos_id, cfg.profile.eot_tokens))
     return model, tok
 
 
@@ -157,7 +170,7 @@ def inspect_checkpoint(path: str | Path, family: str = "auto", dtype: str | torc
     cfg = read_config(p, family)
     dt = resolve_dtype(dtype)
     with torch.device("meta"):
-        expected = expected_shapes(ARCHITECTURES[cfg.family](cfg))
+        expected = expected_shapes(build_model(cfg))
     names = [n for n, _ in files]
     index = None
     if "model.safetensors.index.json" in names:
@@ -185,10 +198,3 @@ def inspect_checkpoint(path: str | Path, family: str = "auto", dtype: str | torc
                        for e in entries.values())
     return CheckpointInfo(str(p), cfg, num_params, weight_bytes, sum(sizes[w] for w in wnames),
                           fingerprint(files, open_file), tuple(wnames))
-
-
-def model_fingerprint(path: str | os.PathLike) -> str:
-    """Content hash of a checkpoint folder (config and tokenizer files in full, large weight files by
-    safetensors header and size)."""
-    p = resolve_path(path)
-    return fingerprint(local_files(p), lambda name: open(p / name, "rb"))

@@ -13,8 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .config import model_config
-from .loading import ARCHITECTURES
+from .registry import build_model, model_config
 
 LLADA_SPECIALS = ["<|endoftext|>", "<|mdm_mask|>", "<|startoftext|>", "<|start_header_id|>",
                   "<|end_header_id|>", "<|eot_id|>"]
@@ -135,7 +134,7 @@ def random_state(cfg_json: dict[str, Any], seed: int = 0, std: float = 0.3,
                  dtype: torch.dtype = torch.float32, device: str = "cpu") -> dict[str, torch.Tensor]:
     cfg = model_config(cfg_json)
     with torch.device(device):
-        model = ARCHITECTURES[cfg.family](cfg)
+        model = build_model(cfg)
     g = torch.Generator(device=device).manual_seed(seed)
     state = {}
     for k, v in model.state_dict().items():

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..models import fused
-from ..models.config import model_config
+from ..models.registry import model_config
 from ..models.llada import LLaDAModelLM
 from .checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from .data import BatchMaker, DataConfig, StepDataset

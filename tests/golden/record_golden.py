@@ -733,7 +733,7 @@ SPECS: list[Spec] = [
     d2("d2cache_dream_rollout0.3_inflate4", "dream", 32, 32,
        cache={"rollout_p": 0.3, "current_k": 32, "sigma": 10.0, "inflate_w": 4}),
     # No Dream semi-AR d2Cache fixtures: d2Cache's Dream blocks have no first-position rule, while our
-    # Dream blocks follow Fast-dLLM's block sampler for every policy (shared/DESIGN.md).
+    # Dream blocks follow Fast-dLLM's block sampler for every policy (the engine's semantics).
 ]
 
 # ---------------------------------------------------------------------------------------------
