@@ -72,7 +72,7 @@ def done_rows(fs: pafs.FileSystem, out_dir: str, id_column: str, retry_errors: b
 
 
 def drop_rows(fs: pafs.FileSystem, out_dir: str, id_column: str, ids: pa.Array,
-              schema: Optional[pa.Schema] = None) -> int:
+              schema: Optional[pa.Schema] = None, output_id: str = "") -> int:
     """Remove every row whose id is in `ids` from the output: each part holding one is rewritten
     without it (new part first, then the old one deleted). Returns the rows removed."""
     removed = 0
@@ -85,7 +85,7 @@ def drop_rows(fs: pafs.FileSystem, out_dir: str, id_column: str, ids: pa.Array,
         keep = t.filter(pc.invert(drop))
         if schema is not None:
             keep = conform(keep, schema)
-        if keep.num_rows and output.write_part(fs, out_dir, keep, id_column) == info.base_name:
+        if keep.num_rows and output.write_part(fs, out_dir, keep, id_column, output_id) == info.base_name:
             continue  # cannot happen (other ids, other name); never delete what was just written
         fs.delete_file(info.path)
         removed += n
@@ -94,6 +94,7 @@ def drop_rows(fs: pafs.FileSystem, out_dir: str, id_column: str, ids: pa.Array,
 
 def plan_resume(scan: InputScan, out_uri: str, limit: Optional[int], retry_errors: bool, *,
                 apply: bool = True, use_ray: Optional[bool] = None, schema: Optional[pa.Schema] = None,
+                output_id: str = "",
                 stream: TextIO = sys.stderr) -> ResumePlan:
     """The read plan of a resumed job: rows not yet written, plus rows whose input changed (their stale
     rows removed from the output when `apply`; a dry run only counts them). `use_ray`: compare in Ray
@@ -110,7 +111,7 @@ def plan_resume(scan: InputScan, out_uri: str, limit: Optional[int], retry_error
     if len(changed):
         if apply:
             manifest.clear_success(out_uri)  # the folder stops claiming completeness before a row leaves it
-            removed = drop_rows(fs, d, scan.id_column, changed, schema)
+            removed = drop_rows(fs, d, scan.id_column, changed, schema, output_id)
         keep = pc.invert(pc.is_in(ids, value_set=changed))
         unchecked = plan.unchecked_rows
         plan = replace(plan_reads(scan, limit, ids.filter(keep)), unchecked_rows=unchecked)

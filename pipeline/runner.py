@@ -185,12 +185,12 @@ def make_plan(spec: JobSpec, input_scan: InputScan, done: Optional[pa.Array]) ->
 
 
 def resume_plan(spec: JobSpec, input_scan: InputScan, retry_errors: bool, stream: TextIO, apply: bool = True,
-                schema: Optional[pa.Schema] = None) -> ReadPlan:
+                schema: Optional[pa.Schema] = None, output_id: str = "") -> ReadPlan:
     """The plan over an existing output: rows not written yet, and rows whose input changed since they
     were written (their stale rows removed when `apply`): pipeline/resume.py."""
     try:
         return plan_resume(input_scan, spec.output.path, spec.input.limit, retry_errors, apply=apply,
-                           schema=schema, stream=stream).plan
+                           schema=schema, stream=stream, output_id=output_id).plan
     except (InputError, OutputPartError) as e:
         raise JobError(str(e)) from None
 
@@ -464,7 +464,7 @@ def _calibrated(spec: JobSpec, plan: ReadPlan, input_scan: InputScan, schema: pa
         except Exception as e:  # noqa: BLE001
             raise JobError(f"the calibration of cache.policy auto failed: {type(e).__name__}: {e}. "
                            "Nothing of it was recorded; run the same command again") from e
-        plan = resume_plan(spec, input_scan, retry_errors, stream, schema=schema)
+        plan = resume_plan(spec, input_scan, retry_errors, stream, schema=schema, output_id=output_id)
     record["calibration"] = cal
     manifest.write_job(spec.output.path, record)
     return plan, cal["cache"]
@@ -518,14 +518,15 @@ def _run_leased(spec: JobSpec, retry_errors: bool, stream: TextIO, engine_factor
         st = OutputState(None, "", [], [])
     job = st.job
     _check_fingerprint(spec, job, fp, components)
-    plan = resume_plan(spec, input_scan, retry_errors, stream, schema=schema) if st.parts else make_plan(spec, input_scan, None)
+    output_id = st.output_id or manifest.new_output_id()
+    plan = (resume_plan(spec, input_scan, retry_errors, stream, schema=schema, output_id=output_id) if st.parts
+            else make_plan(spec, input_scan, None))
     if job is not None and plan.todo_rows == 0 and job.get("status") == "complete" and manifest.is_complete(out):
         noop = _noop_rerun(spec, plan, job, schema, retry_errors, stream, timing)
         if noop is not None:
             return noop
     print(describe_plan(spec, plan, job, st.parts), file=stream, flush=True)
     started = manifest.now()
-    output_id = st.output_id or manifest.new_output_id()
     record = {"name": spec.name, "status": "running", "fingerprint": fp, "fingerprint_components": components,
               "spec": spec.to_dict(), "versions": manifest.versions(), "started_at": started,
               "first_started_at": (job or {}).get("first_started_at", started),

@@ -38,7 +38,7 @@ BAD_SPECS = [
     (["model.family=dream", "generation.remasking=low_confidence"],
      ["generation.remasking='low_confidence' is not allowed for model.family='dream'", "entropy"]),
     (["generation.temperature=hot"], ["generation.temperature: 'hot' is not allowed"]),
-    (["cache.policy=lru"], ["cache.policy: 'lru' is not allowed", "'none', 'prefix', 'dual', 'dllm_cache' or 'd2cache'"]),
+    (["cache.policy=lru"], ["cache.policy: 'lru' is not allowed", "'none', 'prefix', 'dual', 'dllm_cache', 'd2cache' or 'auto'"]),
     (["cache=dual", "cache.kp=25"], ["cache.kp is not a parameter of policy 'dual'; its parameters: refresh_interval"]),
     (["cache.policy=none", "cache.refresh_interval=2"], ["cache.refresh_interval is not a parameter of policy 'none'; its parameters: none"]),
     (["cache=dllm_cache", "cache.rou=2"], ["cache.rou: 2 is not allowed; allowed: <= 1.0"]),
