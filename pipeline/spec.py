@@ -40,7 +40,8 @@ class SpecError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # attribute docstrings become field descriptions: the API docs (pipeline.docs) are rendered from them
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ModelSpec(_Section):
@@ -216,6 +217,7 @@ class JobSpec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     """Job name: letters, digits, '.', '_', '-'."""
     seed: int = Field(default=0, ge=0)
+    """Base of every row's sampling seed (with the row's id), so a row's output does not depend on its batch."""
     model: ModelSpec = Field(default_factory=ModelSpec)
     input: InputSpec
     output: OutputSpec
@@ -232,27 +234,37 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> "JobSpec":
-        rem, fam = self.generation.remasking, self.model.family
-        if rem is not None and fam != "auto":
-            allowed = LLADA_REMASKING if fam == "llada" else DREAM_REMASKING
-            if rem not in allowed:
-                raise ValueError(f"generation.remasking={rem!r} is not allowed for model.family={fam!r}; "
-                                 f"allowed: {', '.join(allowed)}")
+        check_remasking(self.model, self.generation)
         if _norm_path(self.input.path) == _norm_path(self.output.path):
             raise ValueError("output.path must differ from input.path; allowed: a separate folder")
         return self
 
     @property
     def dtype(self) -> str:
-        if self.model.dtype != "auto":
-            return self.model.dtype
-        return "bfloat16" if self.compute.gpus_per_actor > 0 else "float32"
+        return resolved_dtype(self.model, self.compute)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def check_remasking(model: ModelSpec, generation: GenerationSpec) -> None:
+    """ValueError when generation.remasking does not belong to an explicit model.family."""
+    rem, fam = generation.remasking, model.family
+    if rem is not None and fam != "auto":
+        allowed = LLADA_REMASKING if fam == "llada" else DREAM_REMASKING
+        if rem not in allowed:
+            raise ValueError(f"generation.remasking={rem!r} is not allowed for model.family={fam!r}; "
+                             f"allowed: {', '.join(allowed)}")
+
+
+def resolved_dtype(model: ModelSpec, compute: ComputeSpec) -> str:
+    """model.dtype, with auto = bfloat16 on GPU and float32 on CPU."""
+    if model.dtype != "auto":
+        return model.dtype
+    return "bfloat16" if compute.gpus_per_actor > 0 else "float32"
 
 
 def _norm_path(p: str) -> str:
@@ -280,7 +292,8 @@ _BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"),
            "less_than_equal": ("le", "<="), "less_than": ("lt", "<")}
 
 
-def _problems(err: ValidationError) -> list[str]:
+def _problems(err: ValidationError, root: type[BaseModel] = JobSpec) -> list[str]:
+    """One line per pydantic error, naming the field path under `root` and what is allowed."""
     out = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if isinstance(p, (str, int)))
@@ -289,7 +302,7 @@ def _problems(err: ValidationError) -> list[str]:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(JobSpec, loc[:-1])
+            allowed = _allowed_keys(root, loc[:-1])
             msg = "unknown key" + (f"; allowed keys: {', '.join(allowed)}" if allowed else "")
         elif e["type"] == "missing":
             msg = "required field is missing"
@@ -303,7 +316,7 @@ def _problems(err: ValidationError) -> list[str]:
         elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
             msg = f"{e['input']!r} is not allowed: {msg}"
         # model-level validators report at the section; their messages carry the full path themselves
-        if e["type"] == "value_error" and msg.split(".", 1)[0].split("=", 1)[0] in JobSpec.model_fields:
+        if e["type"] == "value_error" and msg.split(".", 1)[0].split("=", 1)[0] in root.model_fields:
             out.append(msg)
         else:
             out.append(f"{path}: {msg}")
