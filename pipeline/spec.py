@@ -84,7 +84,7 @@ class OutputSpec(_Section):
 
 
 class GenerationSpec(_Section):
-    """Mirrors dllm_cache_core.GenerationConfig (shared/DESIGN.md); null = the engine's default."""
+    """Mirrors dllm_cache_core.GenerationConfig; null = the engine's default."""
 
     gen_length: int = Field(default=128, ge=1)
     steps: Optional[int] = Field(default=None, ge=1)
