@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import pyarrow as pa
 from pydantic import BaseModel, Field, ValidationError, model_validator
-from pydantic.fields import FieldInfo
 
 from dllm_cache_core.overrides import normalize_short_forms
 
@@ -46,7 +45,8 @@ ROW_ID = INTERNAL_PREFIX + "row_id"
 
 
 def _same_field(model: type[BaseModel], name: str) -> Any:
-    """The job spec's own definition of a field (type checks, default, bounds, docstring), not a copy of it."""
+    """The job spec's definition of a field (type checks, default, bounds, docstring), reused instead of
+    re-declared; a deep copy only because pydantic completes a FieldInfo in place when building a class."""
     return copy.deepcopy(model.model_fields[name])
 
 
