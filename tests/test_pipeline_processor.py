@@ -120,7 +120,7 @@ def test_building_runs_nothing_and_the_model_loads_on_consumption(ray_local, tmp
                                                                                 for i in range(3)]))
     out = ds.filter(lambda r: True)  # more lazy stages on top
     time.sleep(1.0)
-    assert list(seen.iterdir()) == [] and _cpus_in_use(ray) == before  # no task, no actor
+    assert list(seen.iterdir()) == [] and _cpus_in_use(ray) <= before  # no task, no actor
     with pytest.raises(Exception, match="failed to load"):  # the actor is built (and fails) only now
         out.take_all()
 
