@@ -7,6 +7,7 @@ execution starts an actor pool, which dominates the time on a 2-CPU machine).
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import time
 from pathlib import Path
@@ -214,3 +215,29 @@ def test_example_runs_and_writes_answers(ray_local, tmp_path, capsys):
     assert all(by_id[i]["predicted"] is None and by_id[i]["correct"] is None and by_id[i]["error"]
                for i in ("bad-empty", "bad-null", "bad-missing"))
     assert "6 rows" in capsys.readouterr().out and int(pc.sum(t.column("correct")).as_py()) == 3
+
+
+def test_job_and_processor_give_the_same_rows(ray_local, tmp_path, mixed_rows):
+    """run_job's stage and build_processor's are one: same sections and ids -> the same tokens and errors."""
+    from pipeline import fs as fsx
+    from pipeline import output
+    from pipeline.runner import run
+
+    inp = tmp_path / "in.jsonl"
+    rows = [{"id": f"r{r['k']}", "prompt": r["prompt"]} for r in mixed_rows[:3]] + [{"id": "r-empty", "prompt": ""}]
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sections = {"seed": 3, "generation": NOISY, "cache": "dual", "compute": {"batch_size": 2, "length_grouping": 1}}
+    spec = load_spec(data={"name": "same", "input": {"path": str(inp), "chat_template": True},
+                           "output": {"path": str(tmp_path / "job")}, **sections})
+    run(spec, stream=io.StringIO())
+    fs, d = fsx.resolve(spec.output.path)
+    job = output.read_output(fs, d, columns=["id", "generation_token_ids", "error_type"]).to_pylist()
+    config = ProcessorConfig(chat_template=True, id_column="id", **sections)
+    got = build_processor(config)(ray_local.data.read_json(str(inp))).take_all()
+
+    def key(r: dict) -> tuple:
+        ids = r["generation_token_ids"]
+        return r["error_type"], None if ids is None else [int(t) for t in ids]
+
+    assert {r["id"]: key(r) for r in got} == {r["id"]: key(r) for r in job}
+    assert len(job) == 4 and sum(r["error_type"] == "empty_prompt" for r in job) == 1
