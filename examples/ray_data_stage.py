@@ -86,9 +86,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     import ray
 
     if not ray.is_initialized():
-        # a local Ray's workers import this checkout too (RAY_ADDRESS, when set, names a cluster instead)
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        ray.init(include_dashboard=False)
+        if os.environ.get("RAY_ADDRESS"):  # a cluster (as under `ray job submit`)
+            ray.init()
+        else:  # a new local Ray (not some other one running here) whose workers import this checkout
+            os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+            ray.init(address="local", include_dashboard=False)
     run(args.input, args.output, args.limit, args.gen_length, args.block_length)
     t = pq.read_table(args.output)
     correct = int(pc.sum(pc.fill_null(t.column("correct"), False)).as_py() or 0)
