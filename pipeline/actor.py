@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from .audit import is_audited
 from .prompts import input_hash, normalize_messages, prompt_length, prompt_of  # noqa: F401  (re-exported)
-from .schema import INPUT_ERROR, INTERNAL_PREFIX, STATS_COLUMNS, conform
+from .schema import INPUT_ERROR, INTERNAL_PREFIX, STATS_COLUMNS, conform, output_schema
 from dllm_cache_core.scoring import get_scorer, score_row
 
 IMPORTED_AT = time.time()
@@ -47,7 +47,9 @@ class ActorConfig:
     batch_size: int
     audit_fraction: float
     evaluation: Optional[dict]
-    schema: pa.Schema
+    schema: Optional[pa.Schema]
+    """Every batch is conformed to it (the job's Parquet parts); None = the input columns as they come,
+    then the typed output columns (build_processor, which knows no schema before the data is read)."""
     model_label: str
     progress: Any = None
     """ProgressTracker actor handle (or None)."""
@@ -229,17 +231,19 @@ class GenerationActor:
         cols["model"] = [cfg.model_label] * len(results)
         cols["error"] = [r.error for r in results]
         cols["error_type"] = [r.error_type for r in results]
-        cols["audit_speedup"] = [r.audit_speedup for r in results]
-        cols["audit_token_agreement"] = [r.audit_token_agreement for r in results]
+        if cfg.audit_fraction or cfg.schema is not None:  # a processor (no schema, no audit) leaves them out
+            cols["audit_speedup"] = [r.audit_speedup for r in results]
+            cols["audit_token_agreement"] = [r.audit_token_agreement for r in results]
         if self.scorer is not None:
             ref_col = cfg.evaluation["answer_column"]
             refs = batch.column(ref_col).to_pylist()
             scores = [score_row(self.scorer, r.text, ref) for r, ref in zip(results, refs)]
             cols["score"] = [s.score if s else None for s in scores]
             cols["extracted_answer"] = [s.extracted if s else None for s in scores]
-        arrays = {k: v if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v, cfg.schema.field(k).type)
+        types = cfg.schema if cfg.schema is not None else output_schema(pa.schema([]))
+        arrays = {k: v if isinstance(v, (pa.Array, pa.ChunkedArray)) else pa.array(v, types.field(k).type)
                   for k, v in cols.items()}
-        return conform(pa.table(arrays), cfg.schema)
+        return conform(pa.table(arrays), cfg.schema) if cfg.schema is not None else pa.table(arrays)
 
     def _report(self, results: list[RowResult], engine_s: float) -> None:
         spans, self._spans = self._spans, []

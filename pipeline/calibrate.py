@@ -122,15 +122,14 @@ def draw_sample(spec: JobSpec, plan: ReadPlan) -> pa.Table:
 def measure(spec: JobSpec, sample: pa.Table, cfg: ActorConfig, caches: list[dict[str, Any]]) -> pa.Table:
     """Every candidate over the sample, on actors with the job's resources."""
     import ray
-    from ray.data import ActorPoolStrategy
+
+    from .processor import generation_stage
 
     c = spec.compute
     cfg = dataclasses.replace(cfg, cache={"policy": "none"}, audit_fraction=0.0, progress=None)
     actors = max(1, min(c.num_actors, math.ceil(sample.num_rows / c.batch_size)))
-    ds = ray.data.from_arrow(sample).map_batches(
-        CalibrationActor, fn_constructor_kwargs={"config": cfg, "caches": caches}, batch_size=c.batch_size,
-        batch_format="pyarrow", compute=ActorPoolStrategy(size=actors), num_cpus=c.cpus_per_actor,
-        num_gpus=c.gpus_per_actor or None)
+    ds = generation_stage(ray.data.from_arrow(sample), cfg, c, CalibrationActor, {"caches": caches}, actors,
+                          c.batch_size)
     return pa.concat_tables(ray.get(ds.to_arrow_refs()), promote_options="permissive")
 
 

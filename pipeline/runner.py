@@ -21,7 +21,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, TextIO
 
@@ -31,7 +30,7 @@ import pyarrow.compute as pc
 from . import fs as fsx
 from . import manifest, output
 from .lease import Lease, LeaseHeld
-from .actor import ActorConfig, GenerationActor
+from .actor import ActorConfig
 from .io import InputError, InputScan, ReadPlan, list_input, plan_reads, read_dataset, scan_input
 from .resume import OutputPartError, plan_resume
 from .schema import output_schema
@@ -402,8 +401,9 @@ def _check_fingerprint(spec: JobSpec, job: Optional[dict], fp: str, components: 
 
 def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO, output_id: str) -> tuple[float, dict]:
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
+    from .processor import generation_stage
     from .progress import ProgressMonitor, ProgressTracker, pool_ready_s
     from .quiet import filtered_stderr, quiet_ray
 
@@ -415,17 +415,7 @@ def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO, outp
     cfg = actor_config(spec, progress=tracker, **cfg_args)
     c = spec.compute
     out_schema = cfg.schema
-    with warnings.catch_warnings():
-        # max_restarts/max_task_retries have no named map_batches parameter yet; Ray 2.60 (our pin) warns
-        # that **ray_remote_args goes away in 2.64. Revisit when the pin moves.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ds = read_dataset(plan).map_batches(
-            GenerationActor, fn_constructor_kwargs={"config": cfg}, batch_size=c.batch_size * c.length_grouping,
-            batch_format="pyarrow", compute=ActorPoolStrategy(size=c.num_actors), num_cpus=c.cpus_per_actor,
-            num_gpus=c.gpus_per_actor or None, udf_modifying_row_count=False,
-            # finite restarts: a crash that repeats fails the job instead of looping (Ray Data's default
-            # is -1); the batch in flight on a dead actor is retried on its replacement
-            max_restarts=c.max_actor_restarts, max_task_retries=-1 if c.max_actor_restarts else 0)
+    ds = generation_stage(read_dataset(plan), cfg, c)  # the same actor pool as build_processor's
     sink = output.make_datasink(spec.output.path, out_schema, spec.input.id_column, spec.output.min_rows_per_file,
                                 output_id)
     t0 = time.time()

@@ -42,7 +42,8 @@ class SpecError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # attribute docstrings become field descriptions: the API docs (pipeline.docs) are rendered from them
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ModelSpec(_Section):
@@ -284,6 +285,7 @@ class JobSpec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     """Job name: letters, digits, '.', '_', '-'."""
     seed: int = Field(default=0, ge=0)
+    """Base of every row's sampling seed (with the row's id), so a row's output does not depend on its batch."""
     model: ModelSpec = Field(default_factory=ModelSpec)
     input: InputSpec
     output: OutputSpec
@@ -301,12 +303,7 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _cross(self) -> "JobSpec":
-        rem, fam = self.generation.remasking, self.model.family
-        if rem is not None and fam != "auto":
-            allowed = architecture(fam).profile.remasking
-            if rem not in allowed:
-                raise ValueError(f"generation.remasking={rem!r} is not allowed for model.family={fam!r}; "
-                                 f"allowed: {', '.join(allowed)}")
+        check_remasking(self.model, self.generation)
         if "calibration" in self.model_fields_set and self.cache.policy != "auto":
             raise ValueError(f"calibration.* is only used with cache.policy: auto, not {self.cache.policy!r}; "
                              "allowed: remove the calibration section, or cache.policy: auto")
@@ -319,15 +316,30 @@ class JobSpec(_Section):
 
     @property
     def dtype(self) -> str:
-        if self.model.dtype != "auto":
-            return self.model.dtype
-        return "bfloat16" if self.compute.gpus_per_actor > 0 else "float32"
+        return resolved_dtype(self.model, self.compute)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def check_remasking(model: ModelSpec, generation: GenerationSpec) -> None:
+    """ValueError when generation.remasking does not belong to an explicit model.family's profile."""
+    rem, fam = generation.remasking, model.family
+    if rem is not None and fam != "auto":
+        allowed = architecture(fam).profile.remasking
+        if rem not in allowed:
+            raise ValueError(f"generation.remasking={rem!r} is not allowed for model.family={fam!r}; "
+                             f"allowed: {', '.join(allowed)}")
+
+
+def resolved_dtype(model: ModelSpec, compute: ComputeSpec) -> str:
+    """model.dtype, with auto = bfloat16 on GPU and float32 on CPU."""
+    if model.dtype != "auto":
+        return model.dtype
+    return "bfloat16" if compute.gpus_per_actor > 0 else "float32"
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> Optional[list[str]]:
@@ -351,7 +363,8 @@ _BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"),
            "less_than_equal": ("le", "<="), "less_than": ("lt", "<")}
 
 
-def _problems(err: ValidationError) -> list[str]:
+def _problems(err: ValidationError, root: type[BaseModel] = JobSpec) -> list[str]:
+    """One line per pydantic error, naming the field path under `root` and what is allowed."""
     out = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if isinstance(p, (str, int)))
@@ -360,7 +373,7 @@ def _problems(err: ValidationError) -> list[str]:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(JobSpec, loc[:-1])
+            allowed = _allowed_keys(root, loc[:-1])
             msg = "unknown key" + (f"; allowed keys: {', '.join(allowed)}" if allowed else "")
         elif e["type"] == "missing":
             msg = "required field is missing"
@@ -374,7 +387,7 @@ def _problems(err: ValidationError) -> list[str]:
         elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
             msg = f"{e['input']!r} is not allowed: {msg}"
         # model-level validators report at the section; their messages carry the full path themselves
-        if e["type"] == "value_error" and msg.split(".", 1)[0].split("=", 1)[0] in JobSpec.model_fields:
+        if e["type"] == "value_error" and msg.split(".", 1)[0].split("=", 1)[0] in root.model_fields:
             out.append(msg)
         else:
             out.append(f"{path}: {msg}")
