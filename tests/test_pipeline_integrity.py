@@ -312,8 +312,8 @@ def test_a_no_op_rerun_keeps_the_finished_runs_figures(ray_local, tiny, tmp_path
 N_KILL = 16
 
 
-def _kill_job(tmp_path: Path, tiny: str, gen_length: int = 128) -> tuple[Path, Path]:
-    inp = _jsonl(tmp_path / "prompts.jsonl", _rows(N_KILL))
+def _kill_job(tmp_path: Path, tiny: str, gen_length: int = 128, rows: int = N_KILL) -> tuple[Path, Path]:
+    inp = _jsonl(tmp_path / "prompts.jsonl", _rows(rows))
     out = tmp_path / "out"
     spec = _data(tiny, inp, str(out), generation={"gen_length": gen_length, "block_length": 32, "stop_at_eos": False},
                  compute={"num_actors": 1, "batch_size": 2, "length_grouping": 1, "progress_interval_s": 1,
@@ -366,16 +366,16 @@ def _wait_parts(out: Path, proc: subprocess.Popen, log: Path, timeout: float = 4
         time.sleep(0.2)
 
 
-def _assert_exactly_once(out: Path) -> None:
+def _assert_exactly_once(out: Path, rows: int = N_KILL) -> None:
     ids = [i for p in out.glob("part-*.parquet") for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()]
     assert len(ids) == len(set(ids)), "duplicate ids"
-    assert sorted(ids) == [r["id"] for r in _rows(N_KILL)]  # rows in = rows out
+    assert sorted(ids) == [r["id"] for r in _rows(rows)]  # rows in = rows out
     assert (out / "_SUCCESS").exists() and not (out / LEASE_FILE).exists()
 
 
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny, tmp_path):
     """run_job.py with its default local Ray: SIGINT mid-run, then the same command again."""
-    spec, out = _kill_job(tmp_path, tiny, gen_length=384)  # slow enough for a second run to find it running
+    spec, out = _kill_job(tmp_path, tiny, gen_length=384, rows=8)  # slow enough for a second run to find it running
     log = tmp_path / "run1.log"
     proc = _start(spec, log, _local_env())
     _wait_parts(out, proc, log)
@@ -394,7 +394,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny, tmp_path):
     log2 = tmp_path / "run2.log"
     rerun = _start(spec, log2, _local_env())
     assert rerun.wait(timeout=500) == 0, log2.read_text()[-3000:]
-    _assert_exactly_once(out)
+    _assert_exactly_once(out, rows=8)
     after = _parts(out)
     assert all(after.get(n) == b for n, b in kept.items()), "a part written before the interrupt changed"
     # 12. a full run on the local Ray shows none of Ray's start-up notices that mean nothing to a user
