@@ -105,9 +105,9 @@ class DecodeLoop:
                                    self.runner.policy.computes_idle_rows)
         self.utilisation = Utilisation(self.slots)
 
-    def run(self, rows: Iterable[tuple[int, Any, Sequence[int]]]) -> Iterator[tuple[int, Any, GenerationOutput]]:
-        """rows: (index, row_id, prompt ids), pulled only as slots free up; yields (index, row_id,
-        output) in the order rows finish."""
+    def run(self, rows: Iterable[tuple]) -> Iterator[tuple[int, Any, GenerationOutput]]:
+        """rows: (index, row_id, prompt ids[, block budget]), pulled only as slots free up; yields
+        (index, row_id, output) in the order rows finish."""
         src = iter(rows)
         sched, run = self.scheduler, self.runner
         exhausted = False
@@ -118,9 +118,9 @@ class DecodeLoop:
                     if nxt is None:
                         exhausted = True
                         break
-                    i, rid, p = nxt
+                    i, rid, p = nxt[:3]
                     validate_prompt(p, self.gen, self.model, f"row {rid!r}")
-                    sched.add(Row(index=i, row_id=rid, prompt=list(p)))
+                    sched.add(Row(index=i, row_id=rid, prompt=list(p), max_blocks=nxt[3] if len(nxt) > 3 else None))
                 if sched.idle:
                     break
                 run.admit(sched.admit())

@@ -281,6 +281,8 @@ class Runner:
             cut = next((j for j, t in enumerate(toks) if t in stops), None)
             if cut is not None:
                 toks, reason = toks[:cut], "stop"
+        if reason == "length" and row.max_blocks is not None and row.end_block + 1 < g.num_blocks:
+            toks, reason = toks[:(row.end_block + 1) * self.BL], "budget"  # the row's block budget ended it
         stats = SampleStats(
             num_prompt_tokens=len(row.prompt), num_generated_tokens=len(toks), steps=row.steps, nfe=nfe,
             tokens_per_step=g.gen_length / max(row.steps, 1), token_layers_computed=int(tl), flops=fl,

@@ -37,6 +37,11 @@ class Row:
     finished: bool = False
     stopped: bool = False
     t_admit: float = 0.0
+    end_block: int = -1
+    """The block the row finished in (static scheduling moves a finished row along with its batch)."""
+    max_blocks: Optional[int] = None
+    """A block budget: the row finishes after this many blocks as if its last one held a stop token.
+    Benchmarks use it to give random-weight models (which never stop) a spread of output lengths."""
 
 
 @dataclass
@@ -102,9 +107,11 @@ class Scheduler:
         row.step += 1
         if not block_done:
             return
+        if row.max_blocks is not None and row.block + 1 >= row.max_blocks:
+            stop = True  # the row's block budget is spent: it ends as if this block held a stop token
         row.stopped = stop
         if stop or row.block + 1 >= self.num_blocks:
-            row.finished = True
+            row.finished, row.end_block = True, row.block
         elif self.mode == "continuous":
             row.block, row.step = row.block + 1, 0
         else:
