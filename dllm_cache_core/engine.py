@@ -10,12 +10,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from .config import CacheConfig, GenerationConfig
-from .decoding.generate import generate
+from .decoding.generate import generate, stream
 from .models.loading import load_model, resolve_path
 from .stats import SampleStats
 
@@ -112,20 +112,28 @@ class Engine:
         raise _RowError("bad_input", f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
 
     # -- generation -----------------------------------------------------------------------------
+    def _encode_checked(self, prompt: Any, chat_template: bool) -> list[int]:
+        t = self.encode(prompt, chat_template)
+        if not t:
+            raise _RowError("empty_prompt", "prompt has no tokens")
+        limit = self.model.config.max_len - self.generation.gen_length
+        if len(t) > limit:
+            raise _RowError("too_long", f"prompt has {len(t)} tokens; at most {limit} fit with "
+                                        f"gen_length {self.generation.gen_length}")
+        return t
+
+    def _text(self, r) -> TextOutput:
+        text = self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+        return TextOutput(text=text, token_ids=r.token_ids, stats=r.stats)
+
     def generate(self, prompts: Sequence[Any], row_ids: Optional[Sequence] = None,
                  chat_template: bool = False) -> list[TextOutput]:
         outs = [TextOutput() for _ in prompts]
         ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
         good, good_ids, where = [], [], []
-        limit = self.model.config.max_len - self.generation.gen_length
         for i, p in enumerate(prompts):
             try:
-                t = self.encode(p, chat_template)
-                if not t:
-                    raise _RowError("empty_prompt", "prompt has no tokens")
-                if len(t) > limit:
-                    raise _RowError("too_long", f"prompt has {len(t)} tokens; at most {limit} fit with "
-                                                f"gen_length {self.generation.gen_length}")
+                t = self._encode_checked(p, chat_template)
             except _RowError as e:
                 outs[i] = TextOutput(error=str(e), error_type=e.kind)
                 continue
@@ -135,9 +143,37 @@ class Engine:
         if good:
             res = generate(self.model, good, self.generation, self.cache, seed=self.seed, row_ids=good_ids)
             for i, r in zip(where, res):
-                text = self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
-                outs[i] = TextOutput(text=text, token_ids=r.token_ids, stats=r.stats)
+                outs[i] = self._text(r)
         return outs
+
+    def stream(self, rows: Iterable[tuple[Any, Any]], chat_template: bool = False, slots: Optional[int] = None,
+               prompt_len: Optional[int] = None) -> Iterator[tuple[Any, TextOutput]]:
+        """(row_id, prompt) in, (row_id, output) out as rows finish (continuous batching by default):
+        rows are read only as slots free up; a bad row comes back at once with its error set.
+        prompt_len: the widest prompt the canvas holds (default: the model's max length minus
+        gen_length); a longer prompt is a too_long row."""
+        limit = self.model.config.max_len - self.generation.gen_length
+        width = min(limit, prompt_len or limit)
+        bad: list[tuple[Any, TextOutput]] = []
+
+        def good_rows():
+            for rid, p in rows:
+                try:
+                    t = self._encode_checked(p, chat_template)
+                    if len(t) > width:
+                        raise _RowError("too_long", f"prompt has {len(t)} tokens; this stream's canvas holds {width}")
+                except _RowError as e:
+                    bad.append((rid, TextOutput(error=str(e), error_type=e.kind)))
+                    continue
+                yield rid, t
+
+        for _, rid, r in stream(self.model, good_rows(), self.generation, self.cache, self.seed,
+                                slots=slots or self.generation.slots, prompt_len=width):
+            while bad:
+                yield bad.pop(0)
+            yield rid, self._text(r)
+        while bad:
+            yield bad.pop(0)
 
 
 class _RowError(Exception):

@@ -472,6 +472,23 @@ def test_engine_bad_rows_do_not_break_batch(llada_engine):
     assert [o.error_type for o in all_bad][0] == "empty_prompt"
 
 
+def test_engine_stream_matches_generate(llada_engine):
+    """The streaming form: rows in, (row_id, output) out as rows finish, bad rows at once; a row's
+    output is the one generate() gives it."""
+    eng = llada_engine
+    rows = ["Hello there", "", "1+2=", "a" * 60, "Why?", "ok"]
+    want = dict(zip(range(len(rows)), eng.generate(rows)))
+    got = dict(eng.stream(enumerate(rows), slots=2, prompt_len=40))
+    assert sorted(got) == list(range(len(rows)))
+    for i, w in want.items():
+        if i == 3:  # 60 tokens do not fit this stream's 40-token canvas
+            assert got[i].error_type == "too_long" and w.error is None
+            continue
+        assert (got[i].token_ids, got[i].error_type) == (w.token_ids, w.error_type)
+        if w.stats is not None:
+            assert got[i].stats.steps == w.stats.steps and got[i].stats.flops == w.stats.flops
+
+
 def test_engine_row_ids_with_sampling():
     model, tok = decode_model("dream")
     eng = Engine(model, tok, GenerationConfig(gen_length=16, steps=8, temperature=1.0, stop_at_eos=False),
