@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dllm_cache_core import CacheConfig, GenerationConfig, load_model  # noqa: E402
-from dllm_cache_core.decoding.generate import DecodeLoop  # noqa: E402
+from dllm_cache_core.decoding.generate import generate_rows  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 KEY = ("device", "model", "workload", "scheduling", "policy", "threshold", "slots")
@@ -68,32 +68,45 @@ def task_mix(tok, per_task: int, seed: int = 0) -> list[list[int]]:
     return encode_prompts(tok, examples)
 
 
-def run_once(model, rows: list[tuple], gen: GenerationConfig, cache: CacheConfig, slots: int, device: str
-             ) -> dict[str, Any]:
-    """One timed pass of every row through a fresh DecodeLoop; returns measures and the outputs."""
-    P = max(len(r[2]) for r in rows)
-    loop = DecodeLoop(model, gen, cache, seed=0, slots=slots, prompt_len=P, padded=True)
-    outs: dict[int, Any] = {}
+def run_once(model, prompts: list[list[int]], budgets: Optional[list[int]], gen: GenerationConfig,
+             cache: CacheConfig, slots: int, device: str) -> dict[str, Any]:
+    """One timed pass of every row. Static: one generate() per batch of `slots` rows in arrival order
+    (the batch's canvas as wide as its longest prompt: what a batch job did per batch). Continuous:
+    one generate_rows() over all rows with `slots` slots (rows grouped by prompt-width bucket)."""
+    loops: list = []
+    outs: list = []
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for i, _, o in loop.run(rows):
-        outs[i] = o
+    if gen.scheduling == "static":
+        for i in range(0, len(prompts), slots):
+            outs += generate_rows(model, prompts[i:i + slots], gen, cache, row_ids=list(range(i, i + slots))[:len(
+                prompts[i:i + slots])], loops_out=loops, block_budgets=None if budgets is None else budgets[i:i + slots])
+    else:
+        outs = generate_rows(model, prompts, gen, cache, row_ids=list(range(len(prompts))), loops_out=loops,
+                             block_budgets=budgets)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    u = loop.utilisation
-    tokens = sum(o.stats.num_generated_tokens for o in outs.values())
+    paid_q = sum(lp.utilisation.slots * lp.utilisation.steps_queued for lp in loops)
+    paid_d = sum(lp.utilisation.slots * lp.utilisation.steps_drain for lp in loops)
+    use_q = sum(lp.utilisation.useful_queued for lp in loops)
+    use_d = sum(lp.utilisation.useful_drain for lp in loops)
+    tokens = sum(o.stats.num_generated_tokens for o in outs)
     return {
         "wall_s": round(wall, 4), "tokens": tokens, "tokens_per_s": round(tokens / wall, 3),
-        "rows_per_s": round(len(rows) / wall, 4), "row_step_utilization": round(u.overall, 4),
-        "utilization_while_queued": None if u.while_queued is None else round(u.while_queued, 4),
-        "utilization_drain": None if u.drain is None else round(u.drain, 4),
-        "engine_steps": u.engine_steps, "steps_while_queued": u.steps_queued, "steps_drain": u.steps_drain,
-        "forwards": u.forwards, "useful_row_steps": u.useful_queued + u.useful_drain,
-        "finish_reasons": {r: sum(o.stats.finish_reason == r for o in outs.values())
-                           for r in sorted({o.stats.finish_reason for o in outs.values()})},
-        "_tokens": [outs[i].token_ids for i in range(len(rows))],
+        "rows_per_s": round(len(prompts) / wall, 4),
+        "row_step_utilization": round((use_q + use_d) / max(paid_q + paid_d, 1), 4),
+        "utilization_while_queued": round(use_q / paid_q, 4) if paid_q else None,
+        "utilization_drain": round(use_d / paid_d, 4) if paid_d else None,
+        "engine_steps": sum(lp.utilisation.engine_steps for lp in loops),
+        "steps_while_queued": sum(lp.utilisation.steps_queued for lp in loops),
+        "steps_drain": sum(lp.utilisation.steps_drain for lp in loops),
+        "forwards": sum(lp.utilisation.forwards for lp in loops), "useful_row_steps": use_q + use_d,
+        "canvases": len(loops),
+        "finish_reasons": {r: sum(o.stats.finish_reason == r for o in outs)
+                           for r in sorted({o.stats.finish_reason for o in outs})},
+        "_tokens": [o.token_ids for o in outs],
     }
 
 
@@ -143,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--ckpt", default=None, help="--gpu: checkpoint folder (make_random_checkpoint.py)")
     ap.add_argument("--model", default="builtin:tiny")
     ap.add_argument("--policies", default="none,dual")
-    ap.add_argument("--thresholds", default="none,0.9", help="comma list; none = fixed schedule")
+    ap.add_argument("--thresholds", default="0.9,none", help="comma list; none = fixed schedule")
     ap.add_argument("--slots", default="16")
     ap.add_argument("--per-task", type=int, default=20, help="CPU: held-out rows per task (6 tasks)")
     ap.add_argument("--rows-per-slot", type=int, default=4, help="GPU: rows = slots x this")
@@ -169,6 +182,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     thresholds = [None if t == "none" else float(t) for t in a.thresholds.split(",")]
     cmd = "python benchmarks/bench_continuous.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for slots in [int(s) for s in a.slots.split(",")]:
+        budgets = None
         if a.gpu:
             n = slots * a.rows_per_slot
             rng = random.Random(0)
@@ -176,25 +190,24 @@ def main(argv: Optional[list[str]] = None) -> None:
             prompts = [[rng.randrange(1000, vocab_hi) for _ in range(rng.randint(a.prompt_min, a.prompt_max))]
                        for _ in range(n)]
             budgets = [random.Random(f"budget:{i}").randint(math.ceil(nb / 8), nb) for i in range(n)]
-            rows = [(i, i, p, b) for i, (p, b) in enumerate(zip(prompts, budgets))]
         else:
             prompts = task_mix(tok, a.per_task)
-            rows = [(i, i, p) for i, p in enumerate(prompts)]
-        for policy in a.policies.split(","):
-            for thr in thresholds:
+        for thr in thresholds:
+            for policy in a.policies.split(","):
                 recs, toks = [], {}
                 for sched in ("static", "continuous"):
                     gen = GenerationConfig(gen_length=G, block_length=BL, steps=G, threshold=thr,
-                                           stop_at_eos=not a.gpu, scheduling=sched)
+                                           stop_at_eos=not a.gpu, scheduling=sched, slots=slots)
                     cache = CacheConfig(policy=policy)
                     if a.gpu:  # warm-up: compile the fused kernels, initialise cuBLAS
-                        run_once(model, rows[:slots], gen, cache, slots, device)
-                    m = run_once(model, rows, gen, cache, slots, device)
+                        run_once(model, prompts[:slots], None if budgets is None else budgets[:slots], gen, cache,
+                                 slots, device)
+                    m = run_once(model, prompts, budgets, gen, cache, slots, device)
                     toks[sched] = m.pop("_tokens")
                     rec = {"device": device_name(device), "model": model_name, "workload": workload,
-                           "scheduling": sched, "policy": policy, "threshold": thr, "slots": slots, "rows": len(rows),
-                           "gen_length": G, "block_length": BL, "threads": None if a.gpu else a.threads,
-                           "host": platform.node() if False else platform.machine(), "command": cmd.strip(), **m}
+                           "scheduling": sched, "policy": policy, "threshold": thr, "slots": slots,
+                           "rows": len(prompts), "gen_length": G, "block_length": BL,
+                           "threads": None if a.gpu else a.threads, "command": cmd.strip(), **m}
                     recs.append(rec)
                     print(json.dumps(rec), flush=True)
                 for r in recs:

@@ -15,10 +15,12 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 
 from .config import CacheConfig, GenerationConfig
-from .decoding.generate import generate, stream
+from .decoding.generate import DecodeLoop
 from .models.loading import load_model, resolve_path
 from .stats import SampleStats
 
+PROMPT_BUCKET = 64
+"""Prompt widths of the engine's kept decode loop are multiples of this (see Engine.loop)."""
 ERROR_TYPES = ("empty_prompt", "too_long", "bad_input", "tokenizer", "oom", "generation")
 
 
@@ -67,6 +69,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.generation, self.cache, self.seed = generation, cache, seed
         self.model_path = model_path
+        self._loop: Optional[tuple[tuple[int, int], DecodeLoop]] = None
 
     @classmethod
     def from_spec(cls, model_path: str, generation: GenerationConfig | None = None, cache: CacheConfig | None = None,
@@ -141,17 +144,37 @@ class Engine:
             good_ids.append(ids[i])
             where.append(i)
         if good:
-            res = generate(self.model, good, self.generation, self.cache, seed=self.seed, row_ids=good_ids)
-            for i, r in zip(where, res):
-                outs[i] = self._text(r)
+            loop = self.loop(self.generation.slots or len(good), max(len(t) for t in good))
+            for j, _, r in loop.run((j, rid, t) for j, (rid, t) in enumerate(zip(good_ids, good))):
+                outs[where[j]] = self._text(r)
         return outs
+
+    def loop(self, slots: int, prompt_len: int) -> DecodeLoop:
+        """The engine's decode loop for `slots` rows and prompts up to `prompt_len` tokens, kept for the
+        engine's lifetime (its buffers and static steps, CUDA graphs on GPUs, serve every later call
+        of the same bucket). Prompt widths are bucketed up to a multiple of PROMPT_BUCKET; one loop
+        is kept at a time (a new bucket frees the old one's memory)."""
+        limit = self.model.config.max_len - self.generation.gen_length
+        width = min(limit, -(-prompt_len // PROMPT_BUCKET) * PROMPT_BUCKET)
+        key = (slots, width)
+        if self._loop is None or self._loop[0] != key:
+            if self._loop is not None:
+                self._loop[1].close()
+                self._loop = None  # free the old buffers before the new ones are allocated
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            self._loop = (key, DecodeLoop(self.model, self.generation, self.cache, self.seed, slots, width,
+                                          padded=True, keep=True))
+        return self._loop[1]
 
     def stream(self, rows: Iterable[tuple[Any, Any]], chat_template: bool = False, slots: Optional[int] = None,
                prompt_len: Optional[int] = None) -> Iterator[tuple[Any, TextOutput]]:
         """(row_id, prompt) in, (row_id, output) out as rows finish (continuous batching by default):
         rows are read only as slots free up; a bad row comes back at once with its error set.
-        prompt_len: the widest prompt the canvas holds (default: the model's max length minus
-        gen_length); a longer prompt is a too_long row."""
+        slots: rows decoded at once (default generation.slots, else 32). prompt_len: the widest prompt
+        the canvas holds (default: the model's max length minus gen_length; every row pays for the
+        canvas width, so set it); a longer prompt is a too_long row. One stream (or generate call)
+        at a time per engine: they share the engine's kept decode loop."""
         limit = self.model.config.max_len - self.generation.gen_length
         width = min(limit, prompt_len or limit)
         bad: list[tuple[Any, TextOutput]] = []
@@ -167,8 +190,8 @@ class Engine:
                     continue
                 yield rid, t
 
-        for _, rid, r in stream(self.model, good_rows(), self.generation, self.cache, self.seed,
-                                slots=slots or self.generation.slots, prompt_len=width):
+        loop = self.loop(slots or self.generation.slots or 32, width)
+        for _, rid, r in loop.run((j, rid, t) for j, (rid, t) in enumerate(good_rows())):
             while bad:
                 yield bad.pop(0)
             yield rid, self._text(r)

@@ -489,6 +489,25 @@ def test_engine_stream_matches_generate(llada_engine):
             assert got[i].stats.steps == w.stats.steps and got[i].stats.flops == w.stats.flops
 
 
+def test_engine_keeps_its_decode_loop_across_calls():
+    """Calls of one prompt bucket reuse the engine's loop (buffers and static steps; CUDA graphs on
+    GPUs) and still give every row what a fresh generate() gives it."""
+    model, tok = decode_model("llada")
+    gen = GenerationConfig(gen_length=16, block_length=8, steps=8, threshold=0.5, stop_at_eos=False)
+    eng = Engine(model, tok, gen, CacheConfig("dual"))
+    first = eng.generate(["Hello there", "1+2="])
+    loop = eng._loop[1]
+    steps = dict(loop.runner.policy._steps)
+    assert steps
+    second = eng.generate(["1+2=", "Why not?"])
+    assert eng._loop[1] is loop and all(loop.runner.policy._steps[k] is v for k, v in steps.items())
+    want = generate(model, [tok(p)["input_ids"] for p in ("Hello there", "1+2=", "Why not?")], gen, CacheConfig("dual"))
+    assert [o.token_ids for o in first + second[1:]] == [w.token_ids for w in want]
+    assert second[0].token_ids == first[1].token_ids and second[0].stats.flops == first[1].stats.flops
+    eng.generate(["x"] * 3)  # another slot count: a new loop, the old one freed
+    assert eng._loop[1] is not loop and not loop.runner.policy._steps
+
+
 def test_engine_row_ids_with_sampling():
     model, tok = decode_model("dream")
     eng = Engine(model, tok, GenerationConfig(gen_length=16, steps=8, temperature=1.0, stop_at_eos=False),

@@ -96,6 +96,9 @@ class DecodeLoop:
     slots: int
     prompt_len: int
     padded: bool = True
+    keep: bool = False
+    """Keep the runner (its buffers and static steps: CUDA graphs on GPUs) after a run, for the next
+    run of the same shape; close() frees it."""
     utilisation: Utilisation = field(init=False)
 
     def __post_init__(self) -> None:
@@ -110,6 +113,8 @@ class DecodeLoop:
         (index, row_id, output) in the order rows finish."""
         src = iter(rows)
         sched, run = self.scheduler, self.runner
+        sched.reset()  # a kept loop whose previous run was abandoned midway starts clean
+        self.utilisation = Utilisation(self.slots)
         exhausted = False
         try:
             while True:
@@ -132,7 +137,12 @@ class DecodeLoop:
                     yield r.index, r.row_id, run.output(r)
         finally:
             self.utilisation.forwards = run.forwards
-            run.release()
+            run.forwards = 0
+            if not self.keep:
+                run.release()
+
+    def close(self) -> None:
+        self.runner.release()
 
 
 @torch.no_grad()
@@ -140,16 +150,45 @@ def generate(model: DiffusionLM, prompts: Sequence[Sequence[int]], gen: Optional
              cache: Optional[CacheConfig] = None, seed: int = 0, row_ids: Optional[Sequence] = None
              ) -> list[GenerationOutput]:
     """Generate for a batch of token-id prompts (no padding); outputs in the same order."""
+    return generate_rows(model, prompts, gen, cache, seed, row_ids)
+
+
+def prompt_bucket(n: int) -> int:
+    """Canvas prompt width for a prompt of n tokens under continuous scheduling: a power of two >= 64.
+    Every row of a canvas pays for its width, so rows are grouped by bucket, not padded to the longest."""
+    return max(64, 1 << max(0, n - 1).bit_length())
+
+
+def generate_rows(model: DiffusionLM, prompts: Sequence[Sequence[int]], gen: Optional[GenerationConfig] = None,
+                  cache: Optional[CacheConfig] = None, seed: int = 0, row_ids: Optional[Sequence] = None,
+                  loops_out: Optional[list] = None, block_budgets: Optional[Sequence[int]] = None
+                  ) -> list[GenerationOutput]:
+    """generate(); loops_out, when given, receives each DecodeLoop (their utilisation counters);
+    block_budgets (benchmarks): per row, the blocks after which it ends as if a stop token had come.
+
+    Static scheduling: one canvas as wide as the longest prompt, batches of `slots` rows in order.
+    Continuous: rows are grouped by prompt_bucket (one canvas per group, in order of width) and each
+    group streams through its own slots."""
     gen = gen or GenerationConfig()
     cache = cache or CacheConfig()
     validate_prompts(prompts, gen, model)
     ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+    if gen.scheduling == "continuous":
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(prompt_bucket(len(p)), []).append(i)
+        order = [groups[k] for k in sorted(groups)]
+    else:
+        order = [list(range(len(prompts)))]
     outs: list[Optional[GenerationOutput]] = [None] * len(prompts)
-    for i, _, o in stream(model, zip(ids, prompts), gen, cache, seed,
-                          prompt_len=max(len(p) for p in prompts),
-                          padded=any(len(p) != len(prompts[0]) for p in prompts),
-                          slots=gen.slots or len(prompts)):
-        outs[i] = o
+    for idx in order:
+        ps = [prompts[i] for i in idx]
+        rows = [(ids[i], prompts[i]) if block_budgets is None else (ids[i], prompts[i], block_budgets[i])
+                for i in idx]
+        for j, _, o in stream(model, rows, gen, cache, seed,
+                              prompt_len=max(len(p) for p in ps), padded=any(len(p) != len(ps[0]) for p in ps),
+                              slots=min(gen.slots or len(prompts), len(idx)), loop_out=loops_out):
+            outs[idx[j]] = o
     return outs  # type: ignore[return-value]
 
 
@@ -165,11 +204,11 @@ def stream(model: DiffusionLM, rows: Iterable[tuple[Any, Sequence[int]]], gen: O
     cache = cache or CacheConfig()
     if prompt_len is None:
         if isinstance(rows, Sequence):
-            prompt_len = max(len(p) for _, p in rows)
+            prompt_len = max(len(r[1]) for r in rows)
         else:
             prompt_len = model.config.max_len - gen.gen_length
     n_slots = slots or gen.slots or (len(rows) if isinstance(rows, Sequence) else 32)
     loop = DecodeLoop(model, gen, cache, seed, n_slots, prompt_len, padded)
     if loop_out is not None:
         loop_out.append(loop)
-    yield from loop.run((i, rid, p) for i, (rid, p) in enumerate(rows))
+    yield from loop.run((i, *row) for i, row in enumerate(rows))

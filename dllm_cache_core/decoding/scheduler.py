@@ -65,6 +65,10 @@ class Scheduler:
         self.queue: deque[Row] = deque()
 
     # -- rows in and out --------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.slots = [None] * len(self.slots)
+        self.queue.clear()
+
     def add(self, row: Row) -> None:
         self.queue.append(row)
 
