@@ -151,21 +151,23 @@ class Engine:
 
     def loop(self, slots: int, prompt_len: int) -> DecodeLoop:
         """The engine's decode loop for `slots` rows and prompts up to `prompt_len` tokens, kept for the
-        engine's lifetime (its buffers and static steps, CUDA graphs on GPUs, serve every later call
-        of the same bucket). Prompt widths are bucketed up to a multiple of PROMPT_BUCKET; one loop
-        is kept at a time (a new bucket frees the old one's memory)."""
+        engine's lifetime: its buffers and static steps (CUDA graphs on GPUs) serve every later call
+        that fits it (as many slots or more, a prompt width from prompt_len up to twice it; a wider
+        canvas changes no token). Widths are multiples of PROMPT_BUCKET; one loop is kept at a time
+        (a call that does not fit frees it before building its own)."""
         limit = self.model.config.max_len - self.generation.gen_length
         width = min(limit, -(-prompt_len // PROMPT_BUCKET) * PROMPT_BUCKET)
-        key = (slots, width)
-        if self._loop is None or self._loop[0] != key:
-            if self._loop is not None:
-                self._loop[1].close()
-                self._loop = None  # free the old buffers before the new ones are allocated
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            self._loop = (key, DecodeLoop(self.model, self.generation, self.cache, self.seed, slots, width,
-                                          padded=True, keep=True))
-        return self._loop[1]
+        if self._loop is not None:
+            (k_slots, k_width), kept = self._loop
+            if k_slots >= slots and width <= k_width <= max(2 * width, width + PROMPT_BUCKET):
+                return kept
+            kept.close()
+            self._loop = None  # free the old buffers before the new ones are allocated
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        loop = DecodeLoop(self.model, self.generation, self.cache, self.seed, slots, width, padded=True, keep=True)
+        self._loop = ((slots, width), loop)
+        return loop
 
     def stream(self, rows: Iterable[tuple[Any, Any]], chat_template: bool = False, slots: Optional[int] = None,
                prompt_len: Optional[int] = None) -> Iterator[tuple[Any, TextOutput]]:

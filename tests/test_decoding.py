@@ -504,7 +504,10 @@ def test_engine_keeps_its_decode_loop_across_calls():
     want = generate(model, [tok(p)["input_ids"] for p in ("Hello there", "1+2=", "Why not?")], gen, CacheConfig("dual"))
     assert [o.token_ids for o in first + second[1:]] == [w.token_ids for w in want]
     assert second[0].token_ids == first[1].token_ids and second[0].stats.flops == first[1].stats.flops
-    eng.generate(["x"] * 3)  # another slot count: a new loop, the old one freed
+    assert eng.generate(["x"])[0].token_ids == generate(model, [tok("x")["input_ids"]], gen, CacheConfig("dual"))[
+        0].token_ids
+    assert eng._loop[1] is loop  # fewer rows than slots: the kept loop serves
+    eng.generate(["x"] * 3)  # more rows than slots: a new loop, the old one freed
     assert eng._loop[1] is not loop and not loop.runner.policy._steps
 
 
