@@ -147,7 +147,10 @@ def write_table(records: list[dict[str, Any]], path: Path) -> None:
                          f"{fmt(r['utilization_while_queued'])} | {fmt(r['utilization_drain'])} | "
                          f"{r['engine_steps']} | {sp} | {r.get('same_tokens', '')} |")
         lines.append("")
-    path.write_text("\n".join(lines) + "\n")
+    notes = ""
+    if path.exists() and "\n## Notes" in path.read_text():  # hand-written notes survive a rewrite
+        notes = path.read_text()[path.read_text().index("\n## Notes") + 1:]
+    path.write_text("\n".join(lines) + "\n" + notes)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
