@@ -211,3 +211,20 @@ def test_generation_config_scheduling_fields():
     with pytest.raises(ValueError, match="slots"):
         GenerationConfig(slots=0)
     assert GenerationConfig().scheduling == "continuous"
+
+
+def test_prompt_buckets_keep_order_and_results():
+    """Continuous generate() groups rows by prompt-width bucket (a canvas per group): outputs stay in
+    input order and equal the static batch's."""
+    from dllm_cache_core.decoding.generate import generate_rows, prompt_bucket
+
+    assert [prompt_bucket(n) for n in (1, 64, 65, 128, 129)] == [64, 64, 128, 128, 256]
+    model = decode_model("dream")[0]
+    rows = [ROWS[0], [65 + (i % 26) for i in range(90)], ROWS[2], [97 + (i % 26) for i in range(70)]]
+    gen = dict(stop_at_eos=False, **MODES["threshold"])
+    loops: list = []
+    got = generate_rows(model, rows, GenerationConfig(slots=2, **gen), CacheConfig("dual"), loops_out=loops)
+    want = generate(model, rows, GenerationConfig(scheduling="static", **gen), CacheConfig("dual"))
+    assert len(loops) == 2 and sorted(lp.prompt_len for lp in loops) == [8, 90]
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [stats_of(o) for o in got] == [stats_of(o) for o in want]
