@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -80,8 +79,9 @@ def run_once(model, prompts: list[list[int]], budgets: Optional[list[int]], gen:
     t0 = time.perf_counter()
     if gen.scheduling == "static":
         for i in range(0, len(prompts), slots):
-            outs += generate_rows(model, prompts[i:i + slots], gen, cache, row_ids=list(range(i, i + slots))[:len(
-                prompts[i:i + slots])], loops_out=loops, block_budgets=None if budgets is None else budgets[i:i + slots])
+            chunk = prompts[i:i + slots]
+            outs += generate_rows(model, chunk, gen, cache, row_ids=list(range(i, i + len(chunk))), loops_out=loops,
+                                  block_budgets=None if budgets is None else budgets[i:i + slots])
     else:
         outs = generate_rows(model, prompts, gen, cache, row_ids=list(range(len(prompts))), loops_out=loops,
                              block_budgets=budgets)

@@ -8,7 +8,6 @@ alone (prompt, settings, seed, id), whichever rows share its steps and whenever 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -118,7 +117,9 @@ class DecodeLoop:
         exhausted = False
         try:
             while True:
-                while not exhausted and len(sched.queue) < sched.free_slots() + (1 if sched.mode == "continuous" else 0):
+                # read rows only as slots free up (+1 queued, so that "rows still waiting" is visible)
+                ahead = 1 if sched.mode == "continuous" else 0
+                while not exhausted and len(sched.queue) < sched.free_slots() + ahead:
                     nxt = next(src, None)
                     if nxt is None:
                         exhausted = True
