@@ -157,6 +157,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", action="store_true", help="LLaDA-8B-shaped random checkpoint on CUDA")
     ap.add_argument("--ckpt", default=None, help="--gpu: checkpoint folder (make_random_checkpoint.py)")
+    ap.add_argument("--device", default=None, help="--gpu workload on another device (e.g. cpu, a dry run)")
     ap.add_argument("--model", default="builtin:tiny")
     ap.add_argument("--policies", default="none,dual")
     ap.add_argument("--thresholds", default="0.9,none", help="comma list; none = fixed schedule")
@@ -170,12 +171,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="CPU: torch intra-op threads")
     ap.add_argument("--out", default=str(RESULTS / "continuous.json"))
     a = ap.parse_args(argv)
-    device = "cuda" if a.gpu else "cpu"
+    device = a.device or ("cuda" if a.gpu else "cpu")
     if a.gpu:
         if not a.ckpt:
             raise SystemExit("--gpu needs --ckpt (benchmarks/make_random_checkpoint.py --shape llada-8b)")
-        model, tok = load_model(a.ckpt, device="cuda", dtype="bfloat16")
-        model_name, workload = "llada-8b-shape random", "random prompts, block budgets uniform 1/8..1 of gen_length"
+        model, tok = load_model(a.ckpt, device=device, dtype="bfloat16" if device.startswith("cuda") else "float32")
+        model_name = f"{Path(a.ckpt).name} (random weights)"
+        workload = "random prompts, block budgets uniform 1/8..1 of gen_length"
     else:
         torch.set_num_threads(a.threads)
         model, tok = load_model(a.model, device="cpu", dtype="float32")
@@ -190,7 +192,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             n = slots * a.rows_per_slot
             rng = random.Random(0)
             vocab_hi = min(model.config.vocab_size, model.config.mask_id, model.config.eos_id)
-            prompts = [[rng.randrange(1000, vocab_hi) for _ in range(rng.randint(a.prompt_min, a.prompt_max))]
+            lo = min(1000, vocab_hi // 8)  # ordinary token ids, below every special id
+            prompts = [[rng.randrange(lo, vocab_hi) for _ in range(rng.randint(a.prompt_min, a.prompt_max))]
                        for _ in range(n)]
             budgets = [random.Random(f"budget:{i}").randint(math.ceil(nb / 8), nb) for i in range(n)]
         else:
