@@ -76,7 +76,7 @@ def run_once(model, prompts: list[list[int]], budgets: Optional[list[int]], gen:
     outs: list = []
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if gen.scheduling == "static":
         for i in range(0, len(prompts), slots):
             chunk = prompts[i:i + slots]
@@ -87,7 +87,7 @@ def run_once(model, prompts: list[list[int]], budgets: Optional[list[int]], gen:
                              block_budgets=budgets)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     paid_q = sum(lp.utilisation.slots * lp.utilisation.steps_queued for lp in loops)
     paid_d = sum(lp.utilisation.slots * lp.utilisation.steps_drain for lp in loops)
     use_q = sum(lp.utilisation.useful_queued for lp in loops)
@@ -96,6 +96,8 @@ def run_once(model, prompts: list[list[int]], budgets: Optional[list[int]], gen:
     return {
         "wall_s": round(wall, 4), "tokens": tokens, "tokens_per_s": round(tokens / wall, 3),
         "rows_per_s": round(len(prompts) / wall, 4),
+        # CPU seconds of this process: on a shared machine wall time swings with other load
+        "cpu_s": round(cpu, 3), "tokens_per_cpu_s": round(tokens / cpu, 3),
         "row_step_utilization": round((use_q + use_d) / max(paid_q + paid_d, 1), 4),
         "utilization_while_queued": round(use_q / paid_q, 4) if paid_q else None,
         "utilization_drain": round(use_d / paid_d, 4) if paid_d else None,
@@ -132,20 +134,24 @@ def write_table(records: list[dict[str, Any]], path: Path) -> None:
                   f"{rs[0].get('rows')} rows, gen_length {rs[0].get('gen_length')}, blocks of "
                   f"{rs[0].get('block_length')}, {rs[0].get('threads', '-')} CPU threads; command: "
                   f"`{rs[0].get('command', '')}`", "",
-                  "| policy | schedule | slots | scheduling | tokens/s | rows/s | utilisation | queued | drain | "
-                  "engine steps | speedup | same tokens |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| policy | schedule | slots | scheduling | tokens/s | rows/s | tokens/CPU-s | utilisation | queued | "
+                  "drain | engine steps | speedup (wall) | speedup (CPU) | same tokens |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         rs = sorted(rs, key=lambda r: (r["policy"], str(r["threshold"]), r["slots"], r["scheduling"] != "static"))
         base = {(r["policy"], r["threshold"], r["slots"]): r for r in rs if r["scheduling"] == "static"}
         for r in rs:
             b = base.get((r["policy"], r["threshold"], r["slots"]))
             sp = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b and r["scheduling"] != "static" else ""
+            spc = f"{r['tokens_per_cpu_s'] / b['tokens_per_cpu_s']:.2f}x" if (
+                b and r["scheduling"] != "static" and b.get("tokens_per_cpu_s")) else ""
             sched = "fixed" if r["threshold"] is None else f"threshold {r['threshold']}"
             fmt = (lambda v: "-" if v is None else f"{v:.3f}")
+            tpc = r.get("tokens_per_cpu_s")
             lines.append(f"| {r['policy']} | {sched} | {r['slots']} | {r['scheduling']} | {r['tokens_per_s']:.1f} | "
-                         f"{r['rows_per_s']:.2f} | {r['row_step_utilization']:.3f} | "
-                         f"{fmt(r['utilization_while_queued'])} | {fmt(r['utilization_drain'])} | "
-                         f"{r['engine_steps']} | {sp} | {r.get('same_tokens', '')} |")
+                         f"{r['rows_per_s']:.2f} | {'-' if tpc is None else f'{tpc:.1f}'} | "
+                         f"{r['row_step_utilization']:.3f} | {fmt(r['utilization_while_queued'])} | "
+                         f"{fmt(r['utilization_drain'])} | {r['engine_steps']} | {sp} | {spc} | "
+                         f"{r.get('same_tokens', '')} |")
         lines.append("")
     notes = ""
     if path.exists() and "\n## Notes" in path.read_text():  # hand-written notes survive a rewrite
