@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append_jsonl, env_info, env_vars, random_prompts, read_jsonl, sync  # noqa: E402
 
-import dllm_cache_core.decoding.generate as G  # noqa: E402
+import dllm_cache_core.decoding.runner as G  # noqa: E402  (the module that looks up the policy class)
 from dllm_cache_core import CacheConfig, GenerationConfig, generate, load_model  # noqa: E402
 from dllm_cache_core.cache.registry import policy_names  # noqa: E402
 from dllm_cache_core.models import fused  # noqa: E402

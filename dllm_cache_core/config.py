@@ -14,6 +14,7 @@ from .models.profile import PROFILES, DecodingProfile
 
 REMASKING = tuple(dict.fromkeys(r for p in PROFILES.values() for r in p.remasking))
 SCHEDULES = ("auto", *_SCHEDULE_TABLE)
+SCHEDULING = ("continuous", "static")
 
 
 def _bad(name: str, value: Any, allowed: str) -> ValueError:
@@ -59,6 +60,12 @@ class GenerationConfig:
     """Cut outputs at the first stop token and skip blocks once every row has stopped."""
     mask_id: Optional[int] = None
     """Mask token id; None = from the model config."""
+    scheduling: str = "continuous"
+    """continuous: every row advances its own block and a finished row's slot is refilled at once;
+    static: the batch waits for its slowest row at every block (kept for side-by-side measurement).
+    Tokens and stats are the same either way."""
+    slots: Optional[int] = None
+    """Rows decoded at once; None = every row of the call (a streaming caller sets its own)."""
 
     def __post_init__(self) -> None:
         g = self.gen_length
@@ -93,6 +100,11 @@ class GenerationConfig:
             raise _bad("certainty_prior_sigma", self.certainty_prior_sigma, "a positive number or None")
         if self.cfg_scale < 0:
             raise _bad("cfg_scale", self.cfg_scale, "a number >= 0")
+        if self.scheduling not in SCHEDULING:
+            raise _bad("scheduling", self.scheduling, ", ".join(SCHEDULING))
+        if self.slots is not None and (not isinstance(self.slots, int) or isinstance(self.slots, bool)
+                                       or self.slots <= 0):
+            raise _bad("slots", self.slots, "a positive integer or None")
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 

@@ -68,25 +68,35 @@ def _f64(x):
 
 
 class RowCounters:
-    """Per-row counters kept on the device so that the step loop never syncs with the host."""
+    """Per-row counters kept on the device so that the step loop never syncs with the host. Which rows
+    a forward is charged to is the step's business (``StepInfo.charge``), never state kept here."""
 
     def __init__(self, batch: int, device: torch.device, fm: FlopsModel):
         self.fm = fm
         self.token_layers = torch.zeros(batch, dtype=torch.float64, device=device)
         self.flops = torch.zeros(batch, dtype=torch.float64, device=device)
-        self.active = torch.ones(batch, dtype=torch.bool, device=device)
 
-    def forward(self, q_tokens, keys, head_rows: int, layers: int | None = None, extra=0.0,
-                rows: torch.Tensor | None = None) -> None:
-        """Account one forward for the active rows (restricted to `rows` when given): q_tokens
-        recomputed positions per layer, each attending to `keys` keys (scalars or (B,) tensors),
-        over `layers` layers (default all), plus `extra` FLOPs of policy overhead."""
-        a = (self.active if rows is None else self.active & rows).double()
+    def forward(self, rows: torch.Tensor, charge: torch.Tensor, q_tokens, keys, head_rows,
+                layers: int | None = None, extra=0.0) -> None:
+        """Account one forward to `rows` (n,) weighted by `charge` (n,) (1 = the row decodes this step,
+        0 = it rides along for a static shape): q_tokens recomputed positions per layer, each attending
+        to `keys` keys (scalars or (n,) tensors), over `layers` layers (default all), plus `extra` FLOPs
+        of policy overhead."""
+        a = charge.double()
         n = self.fm.n_layers if layers is None else layers
         q, k = _f64(q_tokens), _f64(keys)
-        self.token_layers += a * (q * n)
-        self.flops += a * (n * (q * self.fm.per_token_layer + q * k * self.fm.per_attn_pair)
-                           + head_rows * self.fm.per_head_row + _f64(extra))
+        self.token_layers.index_add_(0, rows, a * (q * n))
+        self.flops.index_add_(0, rows, a * (n * (q * self.fm.per_token_layer + q * k * self.fm.per_attn_pair)
+                                            + _f64(head_rows) * self.fm.per_head_row + _f64(extra)))
+
+    def take(self, rows: list[int]) -> tuple[float, float]:
+        """(token_layers, flops) summed over `rows` (a decoding row and its CFG twin), then zeroed so
+        that the slot's next row starts from nothing."""
+        idx = torch.tensor(rows, device=self.flops.device)
+        tl, fl = float(self.token_layers[idx].sum()), float(self.flops[idx].sum())
+        self.token_layers[idx] = 0
+        self.flops[idx] = 0
+        return tl, fl
 
 
 def token_agreement(a: list[int], b: list[int]) -> float:

@@ -40,7 +40,8 @@ def fingerprint_components(spec: JobSpec, model_hash: str) -> dict[str, Any]:
         "model": model_hash,
         "family": spec.model.family,
         "dtype": spec.dtype,
-        "generation": spec.generation.model_dump(mode="json"),
+        # how rows are scheduled changes no token: a job may resume under the other scheduling
+        "generation": spec.generation.model_dump(mode="json", exclude=set(spec.generation.SCHEDULING_ONLY)),
         "cache": spec.cache.engine_kwargs(),
         "seed": spec.seed,
         "prompt": {"prompt_column": spec.input.prompt_column, "messages_column": spec.input.messages_column,

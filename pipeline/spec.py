@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -106,6 +106,13 @@ class GenerationSpec(_Section):
     stop_token_ids: Optional[list[int]] = None
     stop_at_eos: bool = True
     mask_id: Optional[int] = Field(default=None, ge=0)
+    scheduling: Literal["continuous", "static"] = "continuous"
+    """continuous: a finished row's slot is refilled at once; static: the batch waits for its slowest
+    row (side-by-side measurement). Same tokens either way, so it is not part of the job fingerprint."""
+    slots: Optional[int] = Field(default=None, ge=1)
+    """Rows each engine decodes at once; null = every row of an actor batch."""
+
+    SCHEDULING_ONLY: ClassVar[frozenset] = frozenset({"scheduling", "slots"})
 
     @model_validator(mode="after")
     def _blocks(self) -> "GenerationSpec":

@@ -15,7 +15,7 @@ from dllm_cache_core import CacheConfig, GenerationConfig, generate, token_agree
 
 import dllm_cache_core.cache.d2cache as d2  # noqa: E402
 from dllm_cache_core.cache.d2cache import D2Cache, inflate, nucleus, rollout_importance, stage1_pick  # noqa: E402
-from dllm_cache_core.decoding.generate import _Decoder  # noqa: E402
+from dllm_cache_core.decoding.generate import DecodeLoop  # noqa: E402
 from engine_fixtures import FAMILIES, PROMPTS, _one_torch_thread, decode_model  # noqa: E402,F401
 
 EXACT = dict(current_k=64, rollout_p=1.0)
@@ -96,15 +96,16 @@ def test_batch_invariance(models, fam, gkw, k):
 def test_only_selected_positions_write_kv(models):
     m = models["dream"]
     g = GenerationConfig(gen_length=32, steps=16, block_length=8, stop_at_eos=False)
-    dec = _Decoder(m, PROMPTS, g, CacheConfig("d2cache", current_k=4), 0, None)
-    pol = dec.policy
+    loop = DecodeLoop(m, g, CacheConfig("d2cache", current_k=4), 0, slots=len(PROMPTS),
+                      prompt_len=max(len(p) for p in PROMPTS))
+    pol = loop.runner.policy
     assert isinstance(pol, D2Cache)
     ptrs = [(k.data_ptr(), v.data_ptr()) for k, v in pol.kv] + [pol.sel.data_ptr(), pol.conf.data_ptr()]
     checked, uneven = [], []
     orig = pol.forward
 
     def forward(x, step):
-        sel = pol.sel.clone() if pol.started else None
+        sel = pol.sel.clone() if bool(pol.started.all()) else None
         before = [k.clone() for k, _ in pol.kv]
         out = orig(x, step)
         if sel is not None:
@@ -113,15 +114,14 @@ def test_only_selected_positions_write_kv(models):
             for b0, (k, _) in zip(before, pol.kv):
                 assert torch.equal(k[~sel], b0[~sel])  # padding and unselected positions untouched
             # block positions whose prediction was not computed have zero logits
-            P, sh = dec.P, pol.ctx.shift
-            q = torch.arange(step.start, step.end) - sh
-            computed = sel[:, q]
+            q = step.starts.unsqueeze(1) + torch.arange(step.block_length) - pol.ctx.shift
+            computed = sel[step.rows].gather(1, q)
             assert torch.all(out[~computed] == 0)
             checked.append(True)
         return out
 
     pol.forward = forward
-    dec.run()
+    list(loop.run((i, i, p) for i, p in enumerate(PROMPTS)))
     assert len(checked) == 15 and any(uneven)
     assert ptrs == [(k.data_ptr(), v.data_ptr()) for k, v in pol.kv] + [pol.sel.data_ptr(), pol.conf.data_ptr()]
 

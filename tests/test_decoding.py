@@ -472,6 +472,45 @@ def test_engine_bad_rows_do_not_break_batch(llada_engine):
     assert [o.error_type for o in all_bad][0] == "empty_prompt"
 
 
+def test_engine_stream_matches_generate(llada_engine):
+    """The streaming form: rows in, (row_id, output) out as rows finish, bad rows at once; a row's
+    output is the one generate() gives it."""
+    eng = llada_engine
+    rows = ["Hello there", "", "1+2=", "a" * 60, "Why?", "ok"]
+    want = dict(zip(range(len(rows)), eng.generate(rows)))
+    got = dict(eng.stream(enumerate(rows), slots=2, prompt_len=40))
+    assert sorted(got) == list(range(len(rows)))
+    for i, w in want.items():
+        if i == 3:  # 60 tokens do not fit this stream's 40-token canvas
+            assert got[i].error_type == "too_long" and w.error is None
+            continue
+        assert (got[i].token_ids, got[i].error_type) == (w.token_ids, w.error_type)
+        if w.stats is not None:
+            assert got[i].stats.steps == w.stats.steps and got[i].stats.flops == w.stats.flops
+
+
+def test_engine_keeps_its_decode_loop_across_calls():
+    """Calls of one prompt bucket reuse the engine's loop (buffers and static steps; CUDA graphs on
+    GPUs) and still give every row what a fresh generate() gives it."""
+    model, tok = decode_model("llada")
+    gen = GenerationConfig(gen_length=16, block_length=8, steps=8, threshold=0.5, stop_at_eos=False)
+    eng = Engine(model, tok, gen, CacheConfig("dual"))
+    first = eng.generate(["Hello there", "1+2="])
+    loop = eng._loop[1]
+    steps = dict(loop.runner.policy._steps)
+    assert steps
+    second = eng.generate(["1+2=", "Why not?"])
+    assert eng._loop[1] is loop and all(loop.runner.policy._steps[k] is v for k, v in steps.items())
+    want = generate(model, [tok(p)["input_ids"] for p in ("Hello there", "1+2=", "Why not?")], gen, CacheConfig("dual"))
+    assert [o.token_ids for o in first + second[1:]] == [w.token_ids for w in want]
+    assert second[0].token_ids == first[1].token_ids and second[0].stats.flops == first[1].stats.flops
+    assert eng.generate(["x"])[0].token_ids == generate(model, [tok("x")["input_ids"]], gen, CacheConfig("dual"))[
+        0].token_ids
+    assert eng._loop[1] is loop  # fewer rows than slots: the kept loop serves
+    eng.generate(["x"] * 3)  # more rows than slots: a new loop, the old one freed
+    assert eng._loop[1] is not loop and not loop.runner.policy._steps
+
+
 def test_engine_row_ids_with_sampling():
     model, tok = decode_model("dream")
     eng = Engine(model, tok, GenerationConfig(gen_length=16, steps=8, temperature=1.0, stop_at_eos=False),

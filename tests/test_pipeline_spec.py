@@ -89,6 +89,20 @@ def test_good_spec_defaults_and_engine_kwargs():
     CacheConfig(**s.cache.engine_kwargs())
 
 
+def test_scheduling_option_reaches_the_engine_but_not_the_fingerprint():
+    from dllm_cache_core import GenerationConfig
+    from pipeline.manifest import fingerprint_components
+
+    cont = load_spec(data=copy.deepcopy(BASE))
+    stat = load_spec(data=copy.deepcopy(BASE), overrides=["generation.scheduling=static", "generation.slots=4"])
+    assert cont.generation.scheduling == "continuous"
+    g = GenerationConfig(**stat.generation.engine_kwargs())
+    assert (g.scheduling, g.slots) == ("static", 4)
+    assert fingerprint_components(cont, "m") == fingerprint_components(stat, "m")
+    with pytest.raises(SpecError, match="generation.scheduling"):
+        load_spec(data=copy.deepcopy(BASE), overrides=["generation.scheduling=eager"])
+
+
 def test_yaml_short_form_and_override_order(tmp_path):
     p = tmp_path / "job.yaml"
     p.write_text(yaml.safe_dump(dict(BASE, cache="dual")))

@@ -54,14 +54,79 @@ class DecodeContext:
 
 @dataclass
 class StepInfo:
-    block: int
-    start: int
-    """Absolute index of the block's first position."""
-    end: int
-    step: int
-    """Step index inside the block; 0 = the block's first forward."""
-    nfe: int
-    """Forwards made so far in this generate() call (all blocks)."""
+    """One forward's rows and where each of them is: rows need not share a block or a step (continuous
+    batching), so every per-row quantity is a per-row list / tensor. With CFG the policy batch holds
+    the conditional rows then their unconditional twins, and `rows` lists both halves."""
+
+    rows: torch.Tensor
+    """(n,) policy-batch rows computed in this forward, ascending within each CFG half."""
+    row_list: list[int]
+    starts: torch.Tensor
+    """(n,) absolute index of each row's block start."""
+    start_list: list[int]
+    steps: list[int]
+    """Each row's step inside its block; 0 = the block's first forward."""
+    charge: torch.Tensor
+    """(n,) bool: the row decodes in this step. False for a row that only rides along (static
+    scheduling computes its whole batch every step); such a row's results are discarded."""
+    charge_list: list[bool]
+    block_length: int
+    batch: int
+    """Rows of the policy batch (slots x CFG passes); `rows` covers all of them when n == batch."""
+
+    @property
+    def n(self) -> int:
+        return len(self.row_list)
+
+    @property
+    def full(self) -> bool:
+        return self.n == self.batch
+
+    @classmethod
+    def of(cls, rows: list[int], starts: list[int], steps: list[int], charge: list[bool], block_length: int,
+           batch: int, device) -> "StepInfo":
+        return cls(torch.tensor(rows, dtype=torch.long, device=device), list(rows),
+                   torch.tensor(starts, dtype=torch.long, device=device), list(starts), list(steps),
+                   torch.tensor(charge, dtype=torch.bool, device=device), list(charge), block_length, batch)
+
+    def subset(self, keep: list[bool]) -> "StepInfo":
+        """The rows where keep is True (same order)."""
+        pick = [i for i, k in enumerate(keep) if k]
+        idx = torch.tensor(pick, dtype=torch.long, device=self.rows.device)
+        return StepInfo(self.rows[idx], [self.row_list[i] for i in pick], self.starts[idx],
+                        [self.start_list[i] for i in pick], [self.steps[i] for i in pick], self.charge[idx],
+                        [self.charge_list[i] for i in pick], self.block_length, self.batch)
+
+    def out_index(self, shift: int, q_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(n, block_length): the query (counted from q_start, default the canvas start) whose output
+        predicts each block position (Dream: the one to the left; the first query predicts itself,
+        as Fast-dLLM does)."""
+        ar = torch.arange(self.block_length, device=self.starts.device)
+        pos = self.starts.unsqueeze(1) + ar - shift
+        qs = torch.zeros_like(self.starts) if q_start is None else q_start
+        return torch.maximum(pos, qs.unsqueeze(1)) - qs.unsqueeze(1)
+
+
+class KVStore:
+    """Per-layer K/V (B, L, kv_dim), post-RoPE, as views of flat (B*L + 1, kv_dim) buffers whose last
+    row is a trash row: a query slot that is padding (static shapes) writes there and nowhere else."""
+
+    def __init__(self, batch: int, seq_len: int, kv_dim: int, n_layers: int, dtype, device):
+        self.batch, self.seq_len = batch, seq_len
+        self.trash = batch * seq_len
+        self.flat = [tuple(torch.zeros(batch * seq_len + 1, kv_dim, dtype=dtype, device=device) for _ in range(2))
+                     for _ in range(n_layers)]
+        self.views = [(k[:self.trash].view(batch, seq_len, -1), v[:self.trash].view(batch, seq_len, -1))
+                      for k, v in self.flat]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.views[i]
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __iter__(self):
+        return iter(self.views)
 
 
 class CachePolicy:
@@ -71,6 +136,10 @@ class CachePolicy:
     defaults: ClassVar[dict[str, Any]] = {}
     """Parameter name -> default (from decl). A class may instead set name and defaults only; its
     parameters then take any value."""
+    computes_idle_rows: ClassVar[bool] = True
+    """Static scheduling computes every row of its batch each step (today's cost of a static batch);
+    a policy whose per-row state would change by computing an idle row sets this False, and then only
+    the decoding rows are computed."""
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -85,89 +154,101 @@ class CachePolicy:
         self.params = params
 
     # -- the interface the decoding loop uses --------------------------------------------------
+    def admit(self, rows: list[int]) -> None:
+        """New rows took these policy-batch rows: forget whatever per-row state their slots held."""
+
     def begin_block(self, step: StepInfo) -> None:
-        """Called before the block's first forward."""
+        """Called before the first forward of a block, with the rows starting one."""
 
     def forward(self, x: torch.Tensor, step: StepInfo) -> torch.Tensor:
-        """Logits (B, block_length, V) predicting each position of the current block."""
+        """Logits (n, block_length, V) predicting each position of each row's current block."""
         raise NotImplementedError
 
     def end_step(self, x: torch.Tensor, committed: torch.Tensor, confidence: torch.Tensor,
                  step: StepInfo) -> None:
-        """After the sampler committed tokens: committed (B, block_length) bool, the new canvas x,
-        and the confidences it ranked with (B, block_length). Policies that select by them use it."""
+        """After the sampler committed tokens. x is the (slots, L) canvas; committed / confidence are
+        (n_dec, block_length) for the decoding rows step.rows[:n_dec] (every charged row; with CFG
+        the first half of step.rows)."""
 
     # -- helpers -------------------------------------------------------------------------------
-    def out_index(self, step: StepInfo, q_start: int) -> torch.Tensor:
-        """Rows of a contiguous query range [q_start, ...) that predict the block's positions
-        (Dream: the output one to the left; the first query predicts itself, as Fast-dLLM does)."""
-        B = self.ctx.batch
-        pos = torch.arange(step.start, step.end, device=self.ctx.positions.device) - self.ctx.shift
-        return (pos.clamp(min=q_start) - q_start).expand(B, -1)
-
-    def full_forward(self, x: torch.Tensor, step: StepInfo, store: Optional[list] = None) -> torch.Tensor:
-        """Uncached forward over the whole canvas; with `store`, writes each layer's K/V into
-        store[layer] = (K, V) buffers of shape (B, L, kv_dim). A static step per store (a CUDA graph on
-        GPUs: at small batch an eager full forward is bound by kernel launches)."""
+    def full_forward(self, x: torch.Tensor, step: StepInfo, store: Optional[KVStore] = None) -> torch.Tensor:
+        """Uncached forward over the whole canvas of step's rows; with `store`, writes each layer's K/V
+        into the rows' store entries. A static step per (store, row count) (a CUDA graph on GPUs when
+        it covers the whole batch: at small batch an eager full forward is bound by kernel launches)."""
         ctx = self.ctx
-        run = self.canvas_step(("full", id(store)), lambda ids, oidx: self._full(ids, oidx, store))
-        logits = run(x, self.out_index(step, 0))
-        ctx.counters.forward(ctx.real_len, ctx.real_len, head_rows=step.end - step.start)
+        n = step.n
+        run = self.canvas_step(("full", id(store), n), n, step.full,
+                               lambda ids, rows, oidx: self._full(ids, rows, oidx, store, n == ctx.batch))
+        logits = run(x, step.rows, step.out_index(ctx.shift))
+        real = ctx.real_len.index_select(0, step.rows)
+        ctx.counters.forward(step.rows, step.charge, real, real, head_rows=step.block_length)
         return logits
 
-    def _full(self, ids: torch.Tensor, out_index: torch.Tensor, store: Optional[list]) -> torch.Tensor:
+    def _full(self, ids: torch.Tensor, rows: torch.Tensor, out_index: torch.Tensor, store: Optional[KVStore],
+              whole: bool) -> torch.Tensor:
         ctx, m = self.ctx, self.model
+        pos = ctx.positions if whole else ctx.positions.index_select(0, rows)
+        mask = ctx.attn_mask if (whole or ctx.attn_mask is None) else ctx.attn_mask.index_select(0, rows)
 
         def layer_fn(i, layer, h, cos, sin):
-            h, k, v = m.layer_full(layer, h, cos, sin, ctx.attn_mask)
-            if store is not None:
-                store[i][0].copy_(k)
-                store[i][1].copy_(v)
-            return h
+            if store is None:
+                return m.layer(layer, h, cos, sin, mask).h
 
-        return m(ids, ctx.positions, ctx.attn_mask, layer_fn=layer_fn, out_index=out_index)
+            def kv(k, v):
+                K, V = store[i]
+                if whole:
+                    K.copy_(k)
+                    V.copy_(v)
+                else:
+                    K.index_copy_(0, rows, k)
+                    V.index_copy_(0, rows, v)
+                return k, v
+
+            return m.layer(layer, h, cos, sin, mask, kv).h
+
+        return m(ids, pos, mask, layer_fn=layer_fn, out_index=out_index)
 
     def static_step(self, key, build: Callable[[], "StaticStep"]) -> "StaticStep":
-        """The static step `key` of this generate() call, built on first use: the same computation
-        every time it is called (only its input buffers change), so it can be captured once and replayed."""
+        """The static step `key` of this policy, built on first use: the same computation every time it
+        is called (only its input buffers change), so it can be captured once and replayed."""
         step = self._steps.get(key)
         if step is None:
             step = self._steps[key] = build()
         return step
 
-    def canvas_step(self, key, body: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> "CanvasStep":
-        """static_step for body(ids, out_index) over the whole batch's canvas."""
-        return self.static_step(key, lambda: CanvasStep(self, body))
+    def canvas_step(self, key, n: int, graphable: bool,
+                    body: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> "CanvasStep":
+        """static_step for body(ids, rows, out_index) over the canvas of n rows."""
+        return self.static_step(key, lambda: CanvasStep(self, n, graphable, body))
 
     def release(self) -> None:
-        """Drop this call's static steps (CUDA graphs and their pool) now, at a safe point: they
+        """Drop this policy's static steps (CUDA graphs and their pool) now, at a safe point: they
         reference the policy, so without this only the cyclic garbage collector would free them."""
         self.__dict__.pop("_static_steps", {}).clear()
 
     @property
     def _steps(self) -> dict:
-        """The static steps of this generate() call (one per shape and buffer set), sharing a graph pool."""
+        """The static steps of this policy (one per shape and buffer set), sharing a graph pool."""
         return self.__dict__.setdefault("_static_steps", {})
 
-    def kv_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def kv_buffers(self) -> KVStore:
         """Preallocated per-layer (K, V) of shape (B, L, kv_dim), post-RoPE (rotation is per position,
         so storing rotated keys is bit-identical to the references' re-rotation of pre-RoPE keys)."""
         cfg, ctx = self.model.config, self.ctx
-        shape = (ctx.batch, ctx.seq_len, cfg.kv_dim)
-        dt, dev = self.model.dtype, ctx.positions.device
-        return [(torch.empty(shape, dtype=dt, device=dev), torch.empty(shape, dtype=dt, device=dev))
-                for _ in range(cfg.n_layers)]
+        return KVStore(ctx.batch, ctx.seq_len, cfg.kv_dim, cfg.n_layers, self.model.dtype, ctx.positions.device)
 
-    def cached_range_forward(self, x: torch.Tensor, step: StepInfo, q_start: int, q_end: int,
-                             kv: list) -> torch.Tensor:
-        """Recompute queries [q_start, q_end) in every layer, write their K/V into the cache in place
-        and attend over the whole cached sequence (Fast-dLLM's sliced call with a KV cache).
-        One static-shape step per query count serves every block; on GPUs it is a CUDA graph."""
+    def cached_range_forward(self, x: torch.Tensor, step: StepInfo, n_q: int, kv: KVStore) -> torch.Tensor:
+        """Recompute queries [start, start + n_q) of each row's block start in every layer, write their
+        K/V into the cache in place and attend over the row's whole cached sequence (Fast-dLLM's sliced
+        call with a KV cache). Slots past the canvas end write the trash row and produce no logits that
+        are read. One static step per (row count, query count); on GPUs a CUDA graph."""
         ctx = self.ctx
-        n = q_end - q_start
-        logits = self.static_step((n, id(kv)), lambda: RangeStep(self, n, kv)).run(x, q_start,
-                                                                                   self.out_index(step, q_start))
-        ctx.counters.forward(q_end - q_start, ctx.real_len, head_rows=step.end - step.start)
+        n = step.n
+        run = self.static_step(("range", n, n_q, id(kv)), lambda: RangeStep(self, n, n_q, kv, step.full))
+        logits = run.run(x, step)
+        real = ctx.real_len.index_select(0, step.rows)
+        q = torch.clamp(ctx.seq_len - step.starts, max=n_q)
+        ctx.counters.forward(step.rows, step.charge, q, real, head_rows=step.block_length)
         return logits
 
 
@@ -186,15 +267,17 @@ def _first_pool(graphs: dict):
 
 class StaticStep:
     """A forward whose inputs live in static buffers: run eagerly, or captured once as a CUDA graph and
-    replayed (the buffers are refilled before each call, so every block reuses one capture)."""
+    replayed (the buffers are refilled before each call, so every block reuses one capture). A step
+    over part of the batch (continuous batching's varying sub-batches) runs eagerly: one graph per
+    row count would multiply captures."""
 
-    def __init__(self, policy: CachePolicy):
+    def __init__(self, policy: CachePolicy, graphable: bool = True):
         self.ctx, self.model = policy.ctx, policy.model
-        self.graph = torch.cuda.CUDAGraph() if self.ctx.positions.is_cuda else None
+        self.graph = torch.cuda.CUDAGraph() if (self.ctx.positions.is_cuda and graphable) else None
         self.peers = policy._steps
         self.warm = False
         self.captured = False
-        self.eager_only = False
+        self.eager_only = not graphable
         self.logits: Optional[torch.Tensor] = None
 
     def _body(self) -> torch.Tensor:
@@ -221,8 +304,8 @@ class StaticStep:
         gc_on = gc.isenabled()
         gc.disable()
         try:
-            # graphs of one generate() call replay one after another and each output is consumed
-            # before the next replay, so they share one memory pool
+            # graphs of one policy replay one after another and each output is consumed before the
+            # next replay, so they share one memory pool
             with torch.cuda.graph(self.graph, pool=_first_pool(self.peers)):
                 self.logits = self._body()
             self.captured = True
@@ -238,56 +321,71 @@ class StaticStep:
 
 
 class CanvasStep(StaticStep):
-    """body(ids, out_index) over the whole canvas, with both inputs in static buffers."""
+    """body(ids, rows, out_index) over the whole canvas of n rows, every input in a static buffer."""
 
-    def __init__(self, policy: CachePolicy, body: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-        super().__init__(policy)
+    def __init__(self, policy: CachePolicy, n: int, graphable: bool,
+                 body: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
+        super().__init__(policy, graphable)
         ctx = self.ctx
+        dev = ctx.positions.device
         self.body = body
-        self.ids = torch.zeros(ctx.batch, ctx.seq_len, dtype=torch.long, device=ctx.positions.device)
-        self.oidx = torch.zeros(ctx.batch, ctx.block_length, dtype=torch.long, device=ctx.positions.device)
+        self.ids = torch.zeros(n, ctx.seq_len, dtype=torch.long, device=dev)
+        self.rows = torch.zeros(n, dtype=torch.long, device=dev)
+        self.oidx = torch.zeros(n, ctx.block_length, dtype=torch.long, device=dev)
 
     def _body(self) -> torch.Tensor:
-        return self.body(self.ids, self.oidx)
+        return self.body(self.ids, self.rows, self.oidx)
 
-    def __call__(self, x: torch.Tensor, out_index: torch.Tensor) -> torch.Tensor:
-        self.ids.copy_(x)
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor, out_index: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(x if x.shape[0] == self.ids.shape[0] else x.index_select(0, rows))
+        self.rows.copy_(rows)
         self.oidx.copy_(out_index)
         return self._call(x)
 
 
 class RangeStep(StaticStep):
-    """`cached_range_forward` for a fixed query count n: the query range moves through static index
-    buffers (index_copy_ into the K/V cache), so every block reuses it and it can be a CUDA graph."""
+    """`cached_range_forward` for n rows and n_q queries per row: each row's query range moves through
+    static index buffers (index_copy_ into the flat K/V cache), so every block reuses it."""
 
-    def __init__(self, policy: CachePolicy, n: int, kv: list):
-        super().__init__(policy)
+    def __init__(self, policy: CachePolicy, n: int, n_q: int, kv: KVStore, whole: bool):
+        super().__init__(policy, whole)
         ctx = self.ctx
-        B, dev = ctx.batch, ctx.positions.device
-        self.kv = kv
-        self.ar = torch.arange(n, device=dev)
-        self.idx = torch.zeros(n, dtype=torch.long, device=dev)
-        self.ids = torch.zeros(B, n, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(B, n, dtype=torch.long, device=dev)
-        self.oidx = torch.zeros(B, ctx.block_length, dtype=torch.long, device=dev)
+        dev = ctx.positions.device
+        self.kv, self.whole = kv, whole
+        self.ar = torch.arange(n_q, device=dev)
+        self.rows = torch.zeros(n, dtype=torch.long, device=dev)
+        self.dst = torch.zeros(n * n_q, dtype=torch.long, device=dev)
+        self.ids = torch.zeros(n, n_q, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(n, n_q, dtype=torch.long, device=dev)
+        self.oidx = torch.zeros(n, ctx.block_length, dtype=torch.long, device=dev)
 
     def _body(self) -> torch.Tensor:
-        ctx, m, kv, idx = self.ctx, self.model, self.kv, self.idx
+        ctx, m, kv, dst, rows = self.ctx, self.model, self.kv, self.dst, self.rows
+        mask = ctx.attn_mask if (self.whole or ctx.attn_mask is None) else ctx.attn_mask.index_select(0, rows)
 
         def layer_fn(i, layer, h, cos, sin):
-            q, k, v = layer.qkv(layer.attn_in(h))
-            K, V = kv[i]
-            K.index_copy_(1, idx, m.apply_rope(k, cos, sin))
-            V.index_copy_(1, idx, v)
-            h = h + layer.attn_proj(m.attend(m.apply_rope(q, cos, sin), K, V, ctx.attn_mask))
-            return h + layer.ffn(h)
+            def write(k, v):
+                kf, vf = kv.flat[i]
+                kf.index_copy_(0, dst, k.reshape(dst.shape[0], -1))
+                vf.index_copy_(0, dst, v.reshape(dst.shape[0], -1))
+                K, V = kv[i]
+                return (K, V) if self.whole else (K.index_select(0, rows), V.index_select(0, rows))
 
-        return m(self.ids, self.pos, ctx.attn_mask, layer_fn=layer_fn, out_index=self.oidx)
+            return m.layer(layer, h, cos, sin, mask, write).h
 
-    def run(self, x: torch.Tensor, q_start: int, out_index: torch.Tensor) -> torch.Tensor:
-        n = self.ar.shape[0]
-        self.idx.copy_(self.ar + q_start)
-        self.ids.copy_(x[:, q_start:q_start + n])
-        self.pos.copy_(self.ctx.positions[:, q_start:q_start + n])
-        self.oidx.copy_(out_index)
+        return m(self.ids, self.pos, mask, layer_fn=layer_fn, out_index=self.oidx)
+
+    def run(self, x: torch.Tensor, step: StepInfo) -> torch.Tensor:
+        ctx = self.ctx
+        L = ctx.seq_len
+        slots = step.starts.unsqueeze(1) + self.ar
+        valid = slots < L
+        slots = slots.clamp(max=L - 1)
+        self.rows.copy_(step.rows)
+        self.dst.copy_(torch.where(valid, step.rows.unsqueeze(1) * L + slots, self.kv.trash).reshape(-1))
+        xs = x if step.full else x.index_select(0, step.rows)
+        ps = ctx.positions if step.full else ctx.positions.index_select(0, step.rows)
+        self.ids.copy_(xs.gather(1, slots))
+        self.pos.copy_(ps.gather(1, slots))
+        self.oidx.copy_(step.out_index(ctx.shift, step.starts))
         return self._call(x)

@@ -2,15 +2,15 @@
 network; every other position's K/V is reused from the cache.
 
 Forward
-    The first forward of a generate() call is a full forward; it stores the rotated K/V of every
-    position. Each later forward feeds only the positions selected at the end of the previous step
+    A row's first forward (after its admission into a slot) is a full forward; it stores the rotated
+    K/V of every position. Each later forward feeds only the positions selected at the end of the previous step
     (``self.sel``, (B, L) bool): per layer their q/k/v are computed, their K/V written into the cache in
     place, their queries attend over the whole cached sequence (padding masked) and the FFN runs on
     them only. Rows are padded to the batch's largest count with *invalid* query slots: an invalid
     slot writes its K/V into a trash row behind the cache, never produces logits, and carries no
     weight in the rollout, so a row's result does not depend on its batch. For the same reason a row
-    that is idle in a forward (its block is done while other rows still decode it: the loop's
-    ``counters.active``) computes nothing and keeps its cache, confidences, importance and selection.
+    that is not in a forward (``StepInfo.rows``: its block is done while the rest of a static batch
+    still decodes, or its slot is empty) computes nothing and keeps its cache, confidences, importance and selection.
     Logits: the LM head runs only on the selected queries that predict a still-masked response
     position (Dream: the query for position j is j - 1; response index 0 is predicted by the last
     prompt token). Block positions that were not computed get all-zero logits (uniform, confidence
@@ -179,6 +179,7 @@ def top1_confidence(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
 
 class D2Cache(CachePolicy):
     decl = POLICY
+    computes_idle_rows = False  # a forward rewrites the row's selection, confidences and importance
 
     def __init__(self, ctx: DecodeContext, **params):
         super().__init__(ctx, **params)
@@ -191,36 +192,44 @@ class D2Cache(CachePolicy):
         self.inflate_w = (4 if self.semi_ar else 0) if w is None else int(w)
         cfg, B, L, dev = self.model.config, ctx.batch, ctx.seq_len, ctx.positions.device
         # per layer one flat (B*L + 1, kv_dim) buffer: rows b*L + j, then a trash row for invalid slots
-        self.kv_flat = [tuple(torch.zeros(B * L + 1, cfg.kv_dim, dtype=self.model.dtype, device=dev)
-                              for _ in range(2)) for _ in range(cfg.n_layers)]
-        self.kv = [(k[:B * L].view(B, L, -1), v[:B * L].view(B, L, -1)) for k, v in self.kv_flat]
+        self.kv = self.kv_buffers()
         G = ctx.gen_length
         self.conf_flat = torch.zeros(B * G + 1, dtype=torch.float32, device=dev)  # + trash
         self.conf = self.conf_flat[:B * G].view(B, G)
         self.importance = torch.zeros(B, L, dtype=torch.float32, device=dev)
         self.sel = torch.zeros(B, L, dtype=torch.bool, device=dev)  # queries of the next forward
-        self.started = False  # False until the first (full) forward ran
+        self.started = torch.zeros(B, dtype=torch.bool, device=dev)  # per row: its first (full) forward ran
+        self.started_list = [False] * B
         self.quantum = QUANTUM
         H, D = cfg.n_heads, cfg.head_dim
         self.probs_per_pair = 2.0 * H * D + 5.0 * H
 
     # -- forward --------------------------------------------------------------------------------
+    def admit(self, rows: list[int]) -> None:
+        for r in rows:
+            self.started_list[r] = False
+        self.started[torch.tensor(rows, device=self.started.device)] = False
+
     def begin_block(self, step: StepInfo) -> None:
-        if self.started and self.semi_ar:
-            self.sel[:, step.start - self.ctx.shift] = True
+        if self.semi_ar:
+            for r, s in zip(step.row_list, step.start_list):
+                if self.started_list[r]:
+                    self.sel[r, s - self.ctx.shift] = True
 
     def forward(self, x: torch.Tensor, step: StepInfo) -> torch.Tensor:
         ctx = self.ctx
         B, L = x.shape
         dev = x.device
         P, G, sh = ctx.prompt_len, ctx.gen_length, ctx.shift
-        active = ctx.counters.active  # (B,) rows taking part in this forward (set by the loop)
-        if not self.started:  # first forward: every position, padding included (its keys are masked)
-            sel = torch.ones(B, L, dtype=torch.bool, device=dev)
-            weight_sel = ctx.key_mask
-            self.started = True
-        else:  # an idle row (block done, others still decoding) computes nothing and keeps its state
-            sel = weight_sel = self.sel & active.unsqueeze(1)
+        # rows taking part in this forward; a row not in it computes nothing and keeps its state
+        active = torch.zeros(B, dtype=torch.bool, device=dev).index_fill_(0, step.rows, True)
+        started = self.started.unsqueeze(1)
+        # a row's first forward: every position, padding included (its keys are masked)
+        sel = torch.where(started, self.sel, True) & active.unsqueeze(1)
+        weight_sel = torch.where(started, self.sel, ctx.key_mask) & active.unsqueeze(1)
+        self.started |= active
+        for r in step.row_list:
+            self.started_list[r] = True
         # queries that predict a still-masked response position
         predicts = torch.zeros_like(sel)
         predicts[:, P - sh:P - sh + G] = x[:, P:] == ctx.mask_id
@@ -247,20 +256,22 @@ class D2Cache(CachePolicy):
         g = slots.gather(1, out) + sh - P  # response index each head row predicts
         conf_dst = torch.where(out_valid, rows * G + g, B * G)
         self.conf_flat.index_copy_(0, conf_dst.reshape(-1), top1_confidence(logits, ctx.mask_id).reshape(-1))
-        BL = step.end - step.start
-        col = g - (step.start - P)
+        BL = step.block_length
+        starts = torch.zeros(B, dtype=torch.long, device=dev).index_copy_(0, step.rows, step.starts)
+        col = g - (starts.unsqueeze(1) - P)
         col = torch.where(out_valid & (col >= 0) & (col < BL), col, BL)
         V = logits.shape[-1]
         blk = torch.zeros(B, BL + 1, V, dtype=logits.dtype, device=dev)
         blk.scatter_(1, col.unsqueeze(-1).expand(-1, -1, V), logits)
 
         # stats: real queries per layer over real keys, head rows computed, overhead
-        n_real = weight.sum(1).double()
-        keys = ctx.real_len.double()
+        n_real = weight.sum(1).double().index_select(0, step.rows)
+        keys = ctx.real_len.double().index_select(0, step.rows)
         nl = self.model.config.n_layers
         extra = nl * (n_real * keys * self.probs_per_pair + 2.0 * n_real * keys + 3.0 * n_real)
-        ctx.counters.forward(n_real, keys, head_rows=counts[1].double(), extra=extra)
-        return blk[:, :BL]
+        ctx.counters.forward(step.rows, step.charge, n_real, keys,
+                             head_rows=counts[1].double().index_select(0, step.rows), extra=extra)
+        return blk[:, :BL].index_select(0, step.rows)
 
     # -- selection for the next forward ----------------------------------------------------------
     def end_step(self, x: torch.Tensor, committed: torch.Tensor, confidence: torch.Tensor,
@@ -273,12 +284,17 @@ class D2Cache(CachePolicy):
         picked = stage1_pick(remaining, score, self.current_k, ctx.block_length)
         s1 = torch.zeros(B, L, dtype=torch.bool, device=x.device)
         s1[:, P - sh:P - sh + G] = picked
-        s1[:, step.start:step.end] |= committed
+        dec = step.rows[:committed.shape[0]]
+        cols = step.starts[:committed.shape[0]].unsqueeze(1) + torch.arange(committed.shape[1], device=x.device)
+        s1_dec = s1.index_select(0, dec)
+        s1_dec.scatter_(1, cols, s1_dec.gather(1, cols) | committed)
+        s1.index_copy_(0, dec, s1_dec)
         cand = ctx.key_mask[:B] & ~s1
         sel = s1 | nucleus(self.importance[:B], cand, self.rollout_p)
         sel = inflate(sel, self.inflate_w)
         sel = sel.repeat(ctx.batch // B, 1)
-        self.sel.copy_(torch.where(ctx.counters.active.unsqueeze(1), sel, self.sel))
+        active = torch.zeros(ctx.batch, dtype=torch.bool, device=x.device).index_fill_(0, step.rows, True)
+        self.sel.copy_(torch.where(active.unsqueeze(1), sel, self.sel))
 
 
 class _SlotStep(StaticStep):
@@ -304,15 +320,15 @@ class _SlotStep(StaticStep):
         probs: list[torch.Tensor] = []
 
         def layer_fn(i, layer, h, cos, sin):
-            q, k, v = layer.qkv(layer.attn_in(h))
-            q, k = m.apply_rope(q, cos, sin), m.apply_rope(k, cos, sin)
-            kf, vf = p.kv_flat[i]
-            kf.index_copy_(0, dst, k.reshape(B * n, -1))
-            vf.index_copy_(0, dst, v.reshape(B * n, -1))
-            K, V = p.kv[i]
-            h = h + layer.attn_proj(m.attend(q, K, V, mask))
-            probs.append(attention_probs_mean(q, K, hd, mask))
-            return h + layer.ffn(h)
+            def write(k, v):
+                kf, vf = p.kv.flat[i]
+                kf.index_copy_(0, dst, k.reshape(B * n, -1))
+                vf.index_copy_(0, dst, v.reshape(B * n, -1))
+                return p.kv[i]
+
+            out = m.layer(layer, h, cos, sin, mask, write)
+            probs.append(attention_probs_mean(out.q, out.K, hd, mask))
+            return out.h
 
         logits = m(self.x.gather(1, self.slots), ctx.positions.gather(1, self.slots), mask, layer_fn=layer_fn,
                    out_index=self.out)

@@ -54,6 +54,7 @@ def _put(t: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
 
 class DLLMCache(CachePolicy):
     decl = POLICY
+    computes_idle_rows = False  # a forward advances the row's refresh schedule and rewrites its features
 
     def __init__(self, ctx, **params):
         super().__init__(ctx, **params)
@@ -66,7 +67,6 @@ class DLLMCache(CachePolicy):
         self.P, self.G = ctx.prompt_len, ctx.gen_length
         self.n_sel = int(self.G * float(params["rou"]))
         self.calls = [0] * B  # forwards each row took part in: a row's schedule is its own
-        self.prompt_real = (ctx.real_len - self.G).double()
         d, kvd = cfg.d_model, cfg.kv_dim
         # V projection of every response token, plus the cosine similarity
         self.select_overhead = 2.0 * d * kvd * self.G + 6.0 * kvd * self.G
@@ -80,14 +80,15 @@ class DLLMCache(CachePolicy):
         if v_gen is not None:
             V[:, self.P:] = v_gen
         if q_idx is None:
-            q, k, v = layer.qkv(layer.attn_in(h))
-            q, k = m.apply_rope(q, cos, sin), m.apply_rope(k, cos, sin)
-            K.copy_(k)
-            V.copy_(v)
-            A.copy_(layer.attn_proj(m.attend(q, K, V, st.mask)))
-            h = h + A
-            M.copy_(layer.ffn(h))
-            return h + M
+            def kv(k, v):
+                K.copy_(k)
+                V.copy_(v)
+                return K, V
+
+            out = m.layer(layer, h, cos, sin, st.mask, kv)
+            A.copy_(out.attn)
+            M.copy_(out.mlp)
+            return out.h
         if q_idx.shape[1] == 0:
             h = h + A
             return h + M
@@ -107,41 +108,46 @@ class DLLMCache(CachePolicy):
         idx = torch.topk(sim, self.n_sel, dim=-1, largest=False).indices + self.P
         return v_new, idx
 
+    def admit(self, rows: list[int]) -> None:
+        for r in rows:
+            self.calls[r] = 0
+
     def forward(self, x, step: StepInfo):
-        """Rows are grouped by where they are in their own refresh schedule; a row inactive this
-        step (its block already done) is left untouched, so its state is what it would be alone."""
-        ctx = self.ctx
+        """Rows are grouped by where they are in their own refresh schedule; a row not in the step
+        (its block already done, or its slot empty) is left untouched, so its state is what it would
+        be alone."""
         kp, kr = int(self.params["kp"]), int(self.params["kr"])
         groups: dict[tuple[bool, bool], list[int]] = {}
-        for r, a in enumerate(ctx.counters.active.tolist()):
-            if a:
-                self.calls[r] += 1
-                c = self.calls[r] - 1
-                groups.setdefault((c % kp == 0, c % kr == 0), []).append(r)
-        if len(groups) == 1 and len(next(iter(groups.values()))) == ctx.batch:
-            return self._run(x, step, None, next(iter(groups)))
+        for j, r in enumerate(step.row_list):
+            c = self.calls[r]
+            self.calls[r] += 1
+            groups.setdefault((c % kp == 0, c % kr == 0), []).append(j)
+        if len(groups) == 1 and step.full:
+            return self._run(x, step, next(iter(groups)))
         V = self.model.config.vocab_size
-        out = torch.zeros(ctx.batch, step.end - step.start, V, dtype=self.model.dtype, device=x.device)
-        for flags, rows in groups.items():
-            idx = torch.tensor(rows, device=x.device)
-            out[idx] = self._run(x, step, idx, flags)
+        out = torch.zeros(step.n, step.block_length, V, dtype=self.model.dtype, device=x.device)
+        for flags, js in groups.items():
+            keep = [False] * step.n
+            for j in js:
+                keep[j] = True
+            out[torch.tensor(js, device=x.device)] = self._run(x, step.subset(keep), flags)
         return out
 
-    def _run(self, x, step: StepInfo, rows: Optional[torch.Tensor], flags: tuple[bool, bool]):
-        """One forward of the rows `rows` (None = all) that share refresh flags. The whole batch's
-        forward is a static step per flags (a CUDA graph on GPUs: the selection is topk on the
-        device, the shapes depend only on the flags)."""
-        self._account(step, rows, flags)
-        out_index = self.out_index(step, 0)
-        if rows is None:
-            body = lambda ids, oidx: self._forward(_State.of(self, None), ids, oidx, flags)  # noqa: E731
-            return self.canvas_step(("dllm", flags), body)(x, out_index)
-        st = _State.of(self, rows)
-        logits = self._forward(st, x[rows], out_index[:rows.shape[0]], flags)
-        st.write_back(self, rows)
+    def _run(self, x, step: StepInfo, flags: tuple[bool, bool]):
+        """One forward of the step's rows (which share refresh flags). The whole batch's forward is a
+        static step per flags (a CUDA graph on GPUs: the selection is topk on the device, the shapes
+        depend only on the flags); a part of the batch runs on gathered copies of its rows' state."""
+        self._account(step, flags)
+        out_index = step.out_index(self.ctx.shift)
+        if step.full:
+            body = lambda ids, rows, oidx: self._forward(_State.of(self, None), ids, oidx, flags)  # noqa: E731
+            return self.canvas_step(("dllm", flags), step.n, True, body)(x, step.rows, out_index)
+        st = _State.of(self, step.rows)
+        logits = self._forward(st, x.index_select(0, step.rows), out_index, flags)
+        st.write_back(self, step.rows)
         return logits
 
-    def _account(self, step: StepInfo, rows: Optional[torch.Tensor], flags: tuple[bool, bool]) -> None:
+    def _account(self, step: StepInfo, flags: tuple[bool, bool]) -> None:
         """Which case each layer takes is known on the host, so the FLOPs are accounted once per
         forward (every recomputed query attends to all real keys)."""
         ctx = self.ctx
@@ -151,14 +157,13 @@ class DLLMCache(CachePolicy):
         full = n_layers if (prompt_all and gen_all) else 1
         gen_only = 0 if (prompt_all and gen_all) else (n_layers - 1 if gen_all else 0)
         partial = n_layers - full - gen_only
-        real = ctx.real_len.double()
-        q_partial = (self.prompt_real if prompt_all else 0.0) + (self.n_sel if adaptive else 0)
+        real = ctx.real_len.index_select(0, step.rows).double()
+        q_partial = (real - self.G if prompt_all else 0.0) + \
+            (self.n_sel if adaptive else 0)
         q_total = full * real + gen_only * self.G + partial * q_partial
         extra = partial * self.select_overhead if adaptive else 0.0
-        sel_rows = torch.ones_like(ctx.counters.active) if rows is None else \
-            torch.zeros_like(ctx.counters.active).index_fill_(0, rows, True)
-        ctx.counters.forward(q_total * sel_rows, real, head_rows=(step.end - step.start), layers=1,
-                             extra=extra * sel_rows.double(), rows=sel_rows)
+        ctx.counters.forward(step.rows, step.charge, q_total, real, head_rows=step.block_length, layers=1,
+                             extra=extra)
 
     def _forward(self, st: "_State", ids: torch.Tensor, out_index: torch.Tensor, flags: tuple[bool, bool]):
         prompt_all, gen_all = flags
@@ -192,7 +197,7 @@ class _State:
     def of(cls, p: DLLMCache, rows: Optional[torch.Tensor]) -> "_State":
         ctx = p.ctx
         if rows is None:
-            return cls(p.kv, p.attn, p.mlp, ctx.positions, ctx.attn_mask)
+            return cls(list(p.kv), p.attn, p.mlp, ctx.positions, ctx.attn_mask)
         return cls([(k[rows], v[rows]) for k, v in p.kv], [a[rows] for a in p.attn], [b[rows] for b in p.mlp],
                    ctx.positions[rows], None if ctx.attn_mask is None else ctx.attn_mask[rows])
 

@@ -14,7 +14,5 @@ POLICY = PolicyDecl(name="dual", params=(REFRESH_INTERVAL,), reuses="K/V of the 
 class DualCache(PrefixCache):
     decl = POLICY
 
-    def forward(self, x, step: StepInfo):
-        if self.refresh(step):
-            return self.full_forward(x, step, store=self.kv)
-        return self.cached_range_forward(x, step, step.start, step.end, self.kv)
+    def query_count(self, step: StepInfo, cached: list[bool]) -> int:
+        return step.block_length

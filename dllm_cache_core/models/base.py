@@ -6,7 +6,7 @@ Cache policies never subclass models: they pass ``layer_fn`` to ``forward`` and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -17,6 +17,20 @@ from .layers import DecoderLayer, apply_rope, attend, rope_tables
 
 # layer_fn(layer_index, layer, h, cos, sin) -> h
 LayerFn = Callable[[int, DecoderLayer, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# kv(k, v) -> (K, V): what the layer's queries attend to
+KVHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class LayerOut(NamedTuple):
+    h: torch.Tensor
+    """The layer's output residual stream."""
+    q: torch.Tensor
+    K: torch.Tensor
+    V: torch.Tensor
+    """Rotated queries, and the keys/values they attended to."""
+    attn: torch.Tensor
+    mlp: torch.Tensor
+    """Sublayer outputs (attention after its output projection; MLP)."""
 
 
 class DiffusionLM(nn.Module):
@@ -54,13 +68,24 @@ class DiffusionLM(nn.Module):
                mask: Optional[torch.Tensor]) -> torch.Tensor:
         return attend(q, k, v, self.config.head_dim, mask)
 
+    def layer(self, layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              mask: Optional[torch.Tensor], kv: Optional[KVHook] = None) -> LayerOut:
+        """The transformer layer body, written once for every caller: h's positions are the queries;
+        `kv(k, v)` (rotated keys and values of those positions) returns the keys/values they attend to,
+        e.g. after writing them into a cache (default: attend to themselves)."""
+        q, k, v = layer.qkv(layer.attn_in(h))
+        q, k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
+        K, V = (k, v) if kv is None else kv(k, v)
+        attn = layer.attn_proj(self.attend(q, K, V, mask))
+        h = h + attn
+        mlp = layer.ffn(h)
+        return LayerOut(h + mlp, q, K, V, attn, mlp)
+
     def layer_full(self, layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One uncached layer over all of h's positions; also returns its rotated K and V."""
-        q, k, v = layer.qkv(layer.attn_in(h))
-        q, k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
-        h = h + layer.attn_proj(self.attend(q, k, v, mask))
-        return h + layer.ffn(h), k, v
+        out = self.layer(layer, h, cos, sin, mask)
+        return out.h, out.K, out.V
 
     @property
     def device(self) -> torch.device:
