@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 POLICY_MODULE = '''
 """`every_other`: a full forward every `period` steps of a block, cached block steps in between."""
-from .base import CachePolicy, StepInfo
+from .base import StepInfo
 from .params import Param, PolicyDecl
+from .prefix import PrefixCache
 
 POLICY = PolicyDecl(
     name="{name}",
@@ -29,17 +30,16 @@ POLICY = PolicyDecl(
 )
 
 
-class EveryOther(CachePolicy):
+class EveryOther(PrefixCache):
+    """Each row refreshes on its own step inside its own block; between refreshes only the block runs."""
+
     decl = POLICY
 
-    def __init__(self, ctx, **params):
-        super().__init__(ctx, **params)
-        self.kv = self.kv_buffers()
+    def refresh(self, step_in_block: int) -> bool:
+        return step_in_block % self.params["period"] == 0
 
-    def forward(self, x, step: StepInfo):
-        if step.step % self.params["period"] == 0:
-            return self.full_forward(x, step, store=self.kv)
-        return self.cached_range_forward(x, step, step.start, step.end, self.kv)
+    def query_count(self, step: StepInfo, cached: list[bool]) -> int:
+        return step.block_length
 '''
 
 # runs in a fresh interpreter: the new policy through the Python API and the job spec
@@ -129,8 +129,7 @@ def test_policy_from_an_entry_point(tmp_path):
     """A third-party package: its module is found through the entry-point group, not the package."""
     site = tmp_path / "site"
     site.mkdir()
-    module = POLICY_MODULE.format(name="ext_every_other").replace("from .base", "from dllm_cache_core.cache.base") \
-        .replace("from .params", "from dllm_cache_core.cache.params")
+    module = POLICY_MODULE.format(name="ext_every_other").replace("from .", "from dllm_cache_core.cache.")
     (site / "ext_policy.py").write_text(module)
     dist = site / "ext_policy-0.1.dist-info"
     dist.mkdir()

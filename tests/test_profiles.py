@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from dllm_cache_core import CacheConfig, GenerationConfig, generate, load_model  # noqa: E402
-from dllm_cache_core.decoding import generate as generate_mod  # noqa: E402
+from dllm_cache_core.decoding import runner as runner_mod  # noqa: E402
 from dllm_cache_core.engine import model_fingerprint  # noqa: E402
 from dllm_cache_core.models import checkpoint as fingerprint_mod  # noqa: E402
 from dllm_cache_core.models.registry import detect, model_config  # noqa: E402
@@ -22,7 +22,7 @@ from dllm_cache_core.models.tiny import dream_tiny_config, llada_tiny_config  # 
 from engine_fixtures import PROMPTS, _one_torch_thread, copy_ckpt, decode_model  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parent.parent
-TOPK_COMMIT = generate_mod.topk_commit
+TOPK_COMMIT = runner_mod.topk_commit
 
 
 # -- architecture registry -----------------------------------------------------------------------
@@ -72,7 +72,7 @@ def _counts(monkeypatch, model, **gen) -> list[int]:
         seen.append(int(k))
         return TOPK_COMMIT(score, cand, k)
 
-    monkeypatch.setattr(generate_mod, "topk_commit", recording)
+    monkeypatch.setattr(runner_mod, "topk_commit", recording)
     generate(model, PROMPTS[:1], GenerationConfig(gen_length=16, steps=5, stop_at_eos=False, **gen), CacheConfig())
     return seen
 
