@@ -4,11 +4,11 @@ from .models.loading import load_model
 from .stats import SampleStats, token_agreement
 
 __all__ = ["CacheConfig", "GenerationConfig", "load_model", "SampleStats", "token_agreement",
-           "generate", "GenerationOutput", "Engine", "TextOutput"]
+           "generate", "stream", "GenerationOutput", "Engine", "TextOutput"]
 
 
 def __getattr__(name):  # the decoding loop and engine import lazily (they are the heavy part)
-    if name in ("generate", "GenerationOutput"):
+    if name in ("generate", "stream", "GenerationOutput"):
         from .decoding import generate as g
         return getattr(g, name)
     if name in ("Engine", "TextOutput"):
