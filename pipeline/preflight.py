@@ -39,7 +39,7 @@ class Preflight:
 def check_model(path: str, family: str, dtype: str) -> CheckpointInfo:
     """inspect_checkpoint on a local folder, `builtin:NAME`, or an object-store folder."""
     if path.startswith("builtin:") or fsx.is_local(path):
-        return inspect_checkpoint(path[len("file://"):] if path.startswith("file://") else path, family, dtype)
+        return inspect_checkpoint(path, family, dtype)  # resolve_path takes builtin: and file:// itself
     import pyarrow.fs as pafs
 
     fs, root = fsx.resolve(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Optional
@@ -82,7 +83,7 @@ def read_header(f: BinaryIO, name: str) -> dict[str, TensorEntry]:
             raise ValueError(f"{name}: malformed safetensors header entry for {key!r}") from None
         if entry.dtype not in DTYPE_BYTES:
             raise ValueError(f"{name}: tensor {key!r} has dtype {entry.dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
-        if entry.nbytes != numel(entry.shape) * DTYPE_BYTES[entry.dtype]:
+        if entry.nbytes != math.prod(entry.shape) * DTYPE_BYTES[entry.dtype]:
             raise ValueError(f"{name}: tensor {key!r} has {entry.nbytes} bytes for shape {entry.shape} {entry.dtype}")
         out[key] = entry
     return out
@@ -137,13 +138,6 @@ def fingerprint(entries: Iterable[tuple[str, int]], open_file: Opener) -> str:
                 for chunk in iter(lambda: f.read(CHUNK), b""):
                     h.update(chunk)
     return h.hexdigest()[:16]
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def local_files(path: Path) -> list[tuple[str, int]]:

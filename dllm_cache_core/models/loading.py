@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,7 +13,7 @@ from safetensors import safe_open
 
 from .base import DiffusionLM
 from .checkpoint import (DTYPE_BYTES, FLOAT_DTYPES, CheckpointInfo, Opener, TensorEntry, check_complete, check_entry,
-                         expected_shapes, fingerprint, local_files, numel, read_header, read_to_cuda, weight_names)
+                         expected_shapes, fingerprint, local_files, read_header, read_to_cuda, weight_names)
 from .config import ModelConfig
 from .registry import build_model, model_config
 
@@ -193,8 +194,8 @@ def inspect_checkpoint(path: str | Path, family: str = "auto", dtype: str | torc
     if tokenizer:
         load_tokenizer(p)
     elem = torch.empty((), dtype=dt).element_size()
-    num_params = sum(numel(e.shape) for e in entries.values())
-    weight_bytes = sum(numel(e.shape) * (elem if e.dtype in FLOAT_DTYPES else DTYPE_BYTES[e.dtype])
+    num_params = sum(math.prod(e.shape) for e in entries.values())
+    weight_bytes = sum(math.prod(e.shape) * (elem if e.dtype in FLOAT_DTYPES else DTYPE_BYTES[e.dtype])
                        for e in entries.values())
     return CheckpointInfo(str(p), cfg, num_params, weight_bytes, sum(sizes[w] for w in wnames),
                           fingerprint(files, open_file), tuple(wnames))
