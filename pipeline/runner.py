@@ -256,8 +256,9 @@ def dry_run(spec: JobSpec, stream: TextIO = sys.stdout) -> ReadPlan:
 
 # ----------------------------------------------------------------------------- running (Ray)
 def actor_config(spec: JobSpec, schema: pa.Schema, progress: Any = None, engine_factory=None,
-                 cache: Optional[dict] = None) -> ActorConfig:
-    """cache: the engine's cache settings (the calibration's choice under `cache.policy: auto`)."""
+                 cache: Optional[dict] = None, fallback: Optional[tuple] = None, level: int = 0) -> ActorConfig:
+    """cache: the engine's cache settings (under `cache.policy: auto` the calibration's choice, or the
+    fallback chain's active entry `level` of `fallback`)."""
     return ActorConfig(
         model_path=spec.model.path, family=spec.model.family, dtype=spec.dtype, device=spec.compute.device,
         seed=spec.seed, generation=spec.generation.engine_kwargs(), cache=cache or spec.cache.engine_kwargs(),
@@ -265,7 +266,8 @@ def actor_config(spec: JobSpec, schema: pa.Schema, progress: Any = None, engine_
         chat_template=spec.input.chat_template, id_column=spec.input.id_column, batch_size=spec.compute.batch_size,
         audit_fraction=spec.audit.fraction,
         evaluation=spec.evaluation.model_dump() if spec.evaluation else None,
-        schema=schema, model_label=spec.model.path, progress=progress, engine_factory=engine_factory)
+        schema=schema, model_label=spec.model.path, progress=progress, engine_factory=engine_factory,
+        fallback=fallback, level=level)
 
 
 def preflight(spec: JobSpec) -> dict[str, Any]:
