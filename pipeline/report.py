@@ -243,8 +243,8 @@ def to_markdown(rep: dict[str, Any], name: str = "") -> str:
         if len(chain) > 1:
             lines += ["", f"on_drift: {cal.get('on_drift', 'flag')}; fallback order: "
                       + " -> ".join(e["candidate"] for e in chain)]
+        lines += [""] if events else []
         for e in events:
-            lines.append("")
             lines.append(f"- {e['at']}, after {e['rows_done']} row(s) of the run: agreement under {e['from']} "
                          f"{_fmt(e['agreement'])} over {e['audited_rows']} audited row(s) (standard error "
                          f"{_fmt(e['standard_error'])}) below the floor {_fmt(e['floor'])}: "
