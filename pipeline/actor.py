@@ -208,8 +208,11 @@ class GenerationActor:
             return
         import ray
 
-        level = int(ray.get(cfg.progress.policy_level.remote()))
-        if level == self._level:
+        try:
+            level = int(ray.get(cfg.progress.policy_level.remote(), timeout=60))
+        except Exception:  # noqa: BLE001  (a lost tracker must not fail the job: keep the current entry)
+            return
+        if level == self._level or not 0 <= level < len(cfg.fallback):
             return
         if level not in self._engines:
             from dllm_cache_core import CacheConfig
