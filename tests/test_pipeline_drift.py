@@ -76,6 +76,26 @@ def test_on_drift_is_validated(tiny):
         _spec(tiny, "in.jsonl", "out", "cache=auto", "calibration.on_drift=switch", "audit.fraction=0.1")
 
 
+def test_report_of_an_output_written_before_cache_config_checks_all_audited_rows(tmp_path):
+    """An auto job's output from before `cache_config` and chains: its rows ran under the choice alone."""
+    import pyarrow as pa
+
+    from pipeline.report import write_report
+
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(20)], "cache_policy": ["dual"] * 20,
+                             "audit_token_agreement": [0.6, 0.7] * 10}), out / "part-00000000000000000000.parquet")
+    table = [{**_entry("none", 1.0, 10.0), "rows": 4, "flops_speedup": 1.0},
+             {**_entry("dual", 0.99, 50.0), "rows": 4, "flops_speedup": 2.0}]
+    (out / "_job.json").write_text(json.dumps({"name": "old", "calibration": {
+        "winner": "dual", "cache": {"policy": "dual"}, "rows": 4, "table": table, "min_agreement": 0.98}}))
+    write_report(str(out))
+    cal = json.loads((out / "_report" / "report.json").read_text())["calibration"]
+    assert cal["drift"]["rows"] == 20 and cal["drift"]["below_floor"] is True
+    assert "the choice no longer holds" in (out / "_report" / "report.md").read_text()
+
+
 # ----------------------------------------------------------------------------- whole jobs
 class DriftEngine:
     """Fake engine. `none` returns the prompt's characters; `prefix` the same; `dual` the same on 'easy'
@@ -83,7 +103,7 @@ class DriftEngine:
     easy rows, the rest of the job is hard. The text names the policy that generated it. Each call sleeps
     per policy, so tokens/s orders them dual > prefix > none."""
 
-    SLEEP = {"none": 0.06, "prefix": 0.025, "dual": 0.005}
+    SLEEP = {"none": 0.08, "prefix": 0.05, "dual": 0.002}  # wide margins: a busy machine must not reorder them
 
     def __init__(self, policy):
         self.policy = policy
