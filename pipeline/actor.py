@@ -55,6 +55,18 @@ class ActorConfig:
     """ProgressTracker actor handle (or None)."""
     engine_factory: Optional[Callable[["ActorConfig"], Any]] = None
     """Builds the engine; None = dllm_cache_core.Engine.from_spec (tests pass fakes)."""
+    fallback: Optional[tuple] = None
+    """`calibration.on_drift` under `cache.policy: auto`: the chain of cache settings (chosen first, `none`
+    last), `cache` being its entry `level`. Before each batch the actor asks the progress tracker which
+    entry is active (the tracker's DriftWatch moves on when the audit's agreement drifts), runs the
+    whole batch with it and stamps its rows with it; None = always `cache`."""
+    level: int = 0
+
+
+def cache_label(cache: dict) -> str:
+    """`policy(param=value, ...)` of cache settings: the calibration table's candidate and `cache_config`."""
+    params = ", ".join(f"{k}={v}" for k, v in sorted(cache.items()) if k != "policy")
+    return f"{cache['policy']}({params})" if params else cache["policy"]
 
 
 def build_engine(cfg: ActorConfig) -> Any:
@@ -129,6 +141,8 @@ class GenerationActor:
             config.progress.loaded.remote(self.worker, t_load, time.time(), imported=IMPORTED_AT)
         self._spans: list[tuple[float, float, int]] = []
         self._reference: Any = None
+        self._level, self._cache = config.level, config.cache
+        self._engines = {config.level: self.engine}
         scorer = config.evaluation
         self.scorer = get_scorer(scorer["scorer"], scorer.get("pattern")) if scorer else None
         self.engine_s = 0.0
@@ -185,10 +199,33 @@ class GenerationActor:
                 m.audit_token_agreement = float(token_agreement(m.token_ids, r.token_ids))
         return main
 
+    # -- the fallback chain ---------------------------------------------------------------------
+    def _use_active_policy(self) -> None:
+        """The chain's entry the tracker says is active, for the batch about to run (the engines share
+        the weights: `with_cache`)."""
+        cfg = self.cfg
+        if cfg.fallback is None or cfg.progress is None:
+            return
+        import ray
+
+        try:
+            level = int(ray.get(cfg.progress.policy_level.remote(), timeout=60))
+        except Exception:  # noqa: BLE001  (a lost tracker must not fail the job: keep the current entry)
+            return
+        if level == self._level or not 0 <= level < len(cfg.fallback):
+            return
+        if level not in self._engines:
+            from dllm_cache_core import CacheConfig
+
+            self._engines[level] = self._engines[cfg.level].with_cache(CacheConfig(**cfg.fallback[level]))
+        self._level, self._cache, self.engine = level, dict(cfg.fallback[level]), self._engines[level]
+        self._reference = None
+
     # -- one Ray Data batch ---------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
         cfg = self.cfg
         n = batch.num_rows
+        self._use_active_policy()
         engine_before = self.engine_s
         ids = [str(x) for x in batch.column(cfg.id_column).to_pylist()]
         col = cfg.messages_column or cfg.prompt_column
@@ -227,7 +264,8 @@ class GenerationActor:
         for s in STATS_COLUMNS:
             cols[s] = [(r.stats or {}).get(s) if r.error_type is None else None for r in results]
         cols["finish_reason"] = ["error" if r.error_type else (r.stats or {}).get("finish_reason") for r in results]
-        cols["cache_policy"] = [cfg.cache["policy"]] * len(results)
+        cols["cache_policy"] = [self._cache["policy"]] * len(results)
+        cols["cache_config"] = [cache_label(self._cache)] * len(results)
         cols["model"] = [cfg.model_label] * len(results)
         cols["error"] = [r.error for r in results]
         cols["error_type"] = [r.error_type for r in results]
@@ -254,8 +292,11 @@ class GenerationActor:
             if r.error_type:
                 errors[r.error_type] = errors.get(r.error_type, 0) + 1
         tokens = sum((r.stats or {}).get("num_generated_tokens", 0) or 0 for r in results if r.error_type is None)
+        audit = None
+        if self.cfg.fallback is not None:
+            audit = (self._level, [r.audit_token_agreement for r in results if r.audit_token_agreement is not None])
         self.cfg.progress.report.remote(rows=len(results), tokens=int(tokens), errors=errors, engine_s=engine_s,
-                                        worker=self.worker, spans=spans)
+                                        worker=self.worker, spans=spans, audit=audit)
 
 
 def _free_memory() -> None:
