@@ -48,6 +48,9 @@ sys.path.insert(0, str(ROOT))
 from dllm_cache_core import CacheConfig, GenerationConfig, load_model  # noqa: E402
 from dllm_cache_core.decoding.generate import generate_rows  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import write_markdown  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 KEY = ("device", "model", "workload", "scheduling", "policy", "threshold", "slots")
 
@@ -153,10 +156,7 @@ def write_table(records: list[dict[str, Any]], path: Path) -> None:
                          f"{fmt(r['utilization_drain'])} | {r['engine_steps']} | {sp} | {spc} | "
                          f"{r.get('same_tokens', '')} |")
         lines.append("")
-    notes = ""
-    if path.exists() and "\n## Notes" in path.read_text():  # hand-written notes survive a rewrite
-        notes = path.read_text()[path.read_text().index("\n## Notes") + 1:]
-    path.write_text("\n".join(lines) + "\n" + notes)
+    write_markdown(path, "\n".join(lines) + "\n")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -128,3 +128,12 @@ def random_prompts(batch: int, length: int, vocab: int, avoid: tuple[int, ...], 
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def write_markdown(path: str | os.PathLike, text: str) -> None:
+    """Write a generated results table, keeping the hand-written `## Notes` section of the file it
+    replaces (the analysis of a run outlives a re-render of its table)."""
+    p = Path(path)
+    old = p.read_text() if p.exists() else ""
+    notes = old[old.index("\n## Notes") + 1:] if "\n## Notes" in old else ""
+    p.write_text(text.rstrip("\n") + "\n\n" + notes if notes else text)

@@ -18,7 +18,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pyarrow.parquet as pq
 
@@ -44,7 +44,8 @@ def write_input(path: Path, per_task: int) -> dict[str, Example]:
     return examples
 
 
-def job(name: str, inp: Path, out: Path, cache: str, gen_length: int) -> dict[str, Any]:
+def job(name: str, inp: Path, out: Path, cache: str, gen_length: int,
+        calibration: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     from pipeline.runner import run
     from pipeline.spec import load_spec
 
@@ -54,7 +55,8 @@ def job(name: str, inp: Path, out: Path, cache: str, gen_length: int) -> dict[st
         "output": {"path": str(out), "on_existing": "overwrite", "min_rows_per_file": 1000},
         "generation": {"gen_length": gen_length, "steps": gen_length, "block_length": 32, "threshold": 0.9},
         "cache": cache, "compute": {"num_actors": 1, "batch_size": 16, "length_grouping": 4, "progress_interval_s": 30},
-        "evaluation": {"answer_column": "answer", "scorer": "contains", "group_by": ["task"]}})
+        "evaluation": {"answer_column": "answer", "scorer": "contains", "group_by": ["task"]},
+        **({"calibration": calibration} if calibration else {})})
     t0 = time.time()
     res = run(spec, stream=sys.stderr)
     rows = {r["id"]: r for r in pq.read_table(out).to_pylist()}
@@ -91,6 +93,9 @@ def main() -> None:
     ap.add_argument("--per-task", type=int, default=34, help="held-out rows per task (6 tasks)")
     ap.add_argument("--workdir", default="/tmp/quality_auto")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/quality_tiny"))
+    ap.add_argument("--calibration-rows", type=int, default=None, help="calibration.calibration_rows (default 64)")
+    ap.add_argument("--min-score-ratio", type=float, default=None,
+                    help="calibration.min_score_ratio: the candidate's score on the calibration rows / none's")
     a = ap.parse_args()
     import ray
     import torch
@@ -107,7 +112,9 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     none = job("quality-none", inp, work / "none", "none", gen_length)
-    auto = job("quality-auto", inp, work / "auto", "auto", gen_length)
+    calibration = {k: v for k, v in (("calibration_rows", a.calibration_rows),
+                                     ("min_score_ratio", a.min_score_ratio)) if v is not None}
+    auto = job("quality-auto", inp, work / "auto", "auto", gen_length, calibration)
     recs = records(examples, none, auto)
     path = Path(a.out + ".json")
     old = [r for r in json.loads(path.read_text()) if r.get("label") != LABEL] if path.exists() else []
@@ -115,7 +122,7 @@ def main() -> None:
     path.write_text(json.dumps(merged, indent=1, default=str) + "\n")
     r0 = old[0] if old else recs[0]
     meta = {"size": r0.get("n"), "device": r0.get("device", "cpu"), "model_sha256": r0.get("model_sha256", "")}
-    Path(a.out + ".md").write_text(quality_tiny.markdown(merged, meta))
+    quality_tiny.write_markdown(a.out + ".md", quality_tiny.markdown(merged, meta))
     for r in recs:
         print(f"{r['task']:15s} auto={r['policy']} acc {r['accuracy']:.3f} none {r['baseline_accuracy']:.3f} "
               f"agree {r['agreement']:.3f} flops x{r['flops_speedup']:.2f}")

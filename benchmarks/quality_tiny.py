@@ -30,6 +30,9 @@ from dllm_cache_core.eval import Dataset, encode_prompts, run, summarize, warm_u
 from dllm_cache_core.models.loading import resolve_path  # noqa: E402
 from dllm_cache_core.tasks import TASKS, eval_set  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import write_markdown  # noqa: E402
+
 # label -> (policy, generation overrides (gen_length filled per task), cache overrides)
 ROWS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "none": ("none", {"block_length": 32}, {}),
@@ -77,7 +80,7 @@ def task_records(model, tok, task: str, size: int, device: str, rows: list[str])
             if ref is None:
                 s.update(baseline_accuracy=s["accuracy"], baseline_wall_s=s["wall_s"], agreement=1.0,
                          measured_speedup=1.0, measured_cpu_speedup=1.0)
-            rec = {"task": task, "policy": policy, "label": label, "schedule": sched, "threshold": thr,
+            rec = {"task": task, "size": size, "policy": policy, "label": label, "schedule": sched, "threshold": thr,
                    "gen_length": gen.gen_length, "block_length": gen.block_len, "steps": gen.total_steps,
                    "certainty_prior_sigma": gen.certainty_prior_sigma, "cache": cache.to_dict(), **s,
                    "device": device_name(device)}
@@ -168,7 +171,7 @@ def main() -> None:
         records = json.loads(Path(a.out + ".json").read_text())
         r0 = records[0]
         meta = {"size": r0["n"], "device": r0["device"], "model_sha256": r0["model_sha256"]}
-        Path(a.out + ".md").write_text(markdown(records, meta))
+        write_markdown(a.out + ".md", markdown(records, meta))
         return
     if a.device == "cpu":
         import torch
@@ -187,7 +190,7 @@ def main() -> None:
         records += [dict(r, device=meta["device"], model_sha256=sha)
                     for r in task_records(model, tok, task, a.size, a.device, rows)]
         Path(a.out + ".json").write_text(json.dumps(records, indent=1) + "\n")
-        Path(a.out + ".md").write_text(markdown(records, meta))
+        write_markdown(a.out + ".md", markdown(records, meta))
     if missing:
         print(f"policies not available: {', '.join(missing)}")
 
