@@ -487,15 +487,16 @@ class EngineStream:
         for key, _, out in done:
             req = self._running.pop(key)
             self._retrying.discard(key)
-            try:
-                _settle(req.future, self.engine._text(out))
-            except Exception as e:  # noqa: BLE001  (detokenisation: this row's error)
-                _settle(req.future, TextOutput(error=f"detokenisation failed: {e}", error_type="tokenizer"))
-            with self._meter:
+            with self._meter:  # counted before its caller can wake up and take the meter
                 self._span_rows += 1
+            try:
+                text = self.engine._text(out)
+            except Exception as e:  # noqa: BLE001  (detokenisation: this row's error)
+                text = TextOutput(error=f"detokenisation failed: {e}", error_type="tokenizer")
+            _settle(req.future, text)
         if not self._retrying:
             self._cap = self.slots
-        if loop.rows == 0 or failure is not None and not self._active():
+        if loop.rows == 0:
             with self._meter:
                 self._cut_span(time.time())
 
