@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -128,3 +130,10 @@ def random_prompts(batch: int, length: int, vocab: int, avoid: tuple[int, ...], 
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def block_budget(key: Any, num_blocks: int) -> int:
+    """A row's block budget for random-weight models, which never stop on their own (Row.max_blocks):
+    uniform in {ceil(num_blocks / 8), ..., num_blocks}, seeded by the row's key (its index or id), so
+    output lengths spread from about gen_length / 8 to gen_length."""
+    return random.Random(f"budget:{key}").randint(math.ceil(num_blocks / 8), num_blocks)
