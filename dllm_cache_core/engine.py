@@ -449,7 +449,11 @@ class EngineStream:
         if loop is None or loop.rows == 0:
             width = self.fixed or max(self._width, max(r.need for r in self._pending))
             if loop is None or width > loop.prompt_len:
-                loop = self._loop = self.engine.loop(self.slots, width)
+                self._loop = None
+                loop = self._build(width)
+                if loop is None:
+                    return
+                self._loop = loop
                 self.rebuilds += 1
             loop.begin()
             self._width = max(self._width, loop.prompt_len)
@@ -464,6 +468,27 @@ class EngineStream:
             self._pending.popleft()
             self._running[req.key] = req
             loop.add(req.key, req.row_id, req.tokens, req.budget)
+
+    def _build(self, width: int) -> Optional[DecodeLoop]:
+        """The engine's decode loop for the stream's slots and `width`. Out of memory building it: half the
+        slots from then on (a single slot that does not fit fails the first waiting row); another failure
+        fails every waiting row. None when it failed (the stream goes on with what is left)."""
+        failure: Optional[tuple[str, str, bool]] = None
+        try:
+            return self.engine.loop(self.slots, width)
+        except Exception as e:  # noqa: BLE001
+            failure = (f"{type(e).__name__}: {e}", type(e).__name__, is_oom(e))
+        free_memory()
+        message, kind, oom = failure
+        if oom and self.slots > 1:
+            self.slots = self._cap = max(1, self.slots // 2)
+            return None
+        failed = [self._pending.popleft()] if oom else list(self._pending)
+        if not oom:
+            self._pending.clear()
+        for r in failed:
+            _settle(r.future, exc=StepFailed(message, kind, oom))
+        return None
 
     def _step(self) -> None:
         loop = self._loop

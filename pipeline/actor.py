@@ -309,7 +309,7 @@ class StreamingGenerationActor(GenerationActor):
         self.batches_in_flight = batches_in_flight
         self.stream: Any = None
         self._worker: Optional[ThreadPoolExecutor] = None
-        self._gate: Optional[asyncio.Semaphore] = None
+        self._gate: Optional[tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]] = None
         opener = getattr(self.engine, "open_stream", None)
         if opener is not None:
             slots = (config.generation or {}).get("slots") or config.batch_size
@@ -323,9 +323,10 @@ class StreamingGenerationActor(GenerationActor):
         return asyncio.wrap_future(fut)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:  # type: ignore[override]
-        if self._gate is None:  # created on the event loop that runs the batches
-            self._gate = asyncio.Semaphore(self.batches_in_flight)
-        async with self._gate:
+        loop = asyncio.get_running_loop()
+        if self._gate is None or self._gate[0] is not loop:  # on the event loop that runs the batches
+            self._gate = (loop, asyncio.Semaphore(self.batches_in_flight))
+        async with self._gate[1]:
             b = self._prepare(batch)
             if self.stream is None:
                 await self._on_engine(self._run_group, b, b.normal, self.run_chunk)

@@ -129,3 +129,21 @@ def test_other_step_failures_fail_only_that_steps_rows(engine, monkeypatch):
         errs = [f.exception(60) for f in futs]
     assert errs[0] is None and errs[2] is None
     assert isinstance(errs[1], StepFailed) and not errs[1].oom and errs[1].kind == "RuntimeError"
+
+
+def test_out_of_memory_building_the_canvas_halves_the_slots(engine, monkeypatch):
+    build = Engine.loop
+
+    def small_only(self, slots, prompt_len):
+        if slots > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB (fake)")
+        return build(self, slots, prompt_len)
+
+    want = alone(engine, A)
+    monkeypatch.setattr(Engine, "loop", small_only)
+    engine._loop = None  # no kept loop to reuse
+    with engine.open_stream(slots=4) as st:
+        outs = {rid: f.result(60) for (rid, _), f in zip(A, st.submit(A))}
+        assert st.slots == 1
+    for rid, out in outs.items():
+        assert same(out, want[rid]), rid
