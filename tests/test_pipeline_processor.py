@@ -72,6 +72,9 @@ def test_config_errors_name_processor_fields():
     with pytest.raises(ProcessorConfigError, match=r"generation.remasking='entropy' is not allowed for "
                                                    r"model.family='llada'"):
         ProcessorConfig(model={"family": "llada"}, generation={"remasking": "entropy"})
+    with pytest.raises(ProcessorConfigError, match=r"compute.batches_in_flight=2 needs generation.scheduling: "
+                                                   r"continuous, not 'static'"):
+        ProcessorConfig(generation={"scheduling": "static"}, compute={"batches_in_flight": 2})
 
 
 def test_config_forms_and_defaults():
