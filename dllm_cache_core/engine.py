@@ -442,7 +442,7 @@ class EngineStream:
 
     def _feed(self) -> None:
         while self._pending and self._pending[0].future.cancelled():
-            self._pending.popleft()
+            self._retrying.discard(self._pending.popleft().key)
         if not self._pending:
             return
         loop = self._loop
@@ -460,8 +460,8 @@ class EngineStream:
         # at most `slots` rows (the kept loop may have more), fewer after an out-of-memory step (_cap)
         while self._pending and loop.wants_rows() and loop.rows < min(self._cap, self.slots):
             req = self._pending[0]
-            if req.future.cancelled():
-                self._pending.popleft()
+            if req.future.cancelled():  # its caller gave up on it (e.g. a cancelled Ray task)
+                self._retrying.discard(self._pending.popleft().key)
                 continue
             if len(req.tokens) > loop.prompt_len:
                 break  # a wider canvas is needed: the running rows finish first
