@@ -133,12 +133,12 @@ def write_table(records: list[dict[str, Any]], path: Path) -> None:
         groups.setdefault((r["device"], r["model"], r["workload"]), []).append(r)
     for (dev, model, wl), rs in groups.items():
         lines += [f"## {model} on {dev}: {wl}", "",
-                  f"{rs[0].get('rows')} rows, gen_length {rs[0].get('gen_length')}, blocks of "
+                  f"gen_length {rs[0].get('gen_length')}, blocks of "
                   f"{rs[0].get('block_length')}, {rs[0].get('threads', '-')} CPU threads; command: "
                   f"`{rs[0].get('command', '')}`", "",
-                  "| policy | schedule | slots | scheduling | tokens/s | rows/s | tokens/CPU-s | utilisation | queued | "
+                  "| policy | schedule | slots | scheduling | rows | tokens/s | rows/s | tokens/CPU-s | utilisation | queued | "
                   "drain | engine steps | speedup (wall) | speedup (CPU) | same tokens |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         rs = sorted(rs, key=lambda r: (r["policy"], str(r["threshold"]), r["slots"], r["scheduling"] != "static"))
         base = {(r["policy"], r["threshold"], r["slots"]): r for r in rs if r["scheduling"] == "static"}
         for r in rs:
@@ -149,7 +149,7 @@ def write_table(records: list[dict[str, Any]], path: Path) -> None:
             sched = "fixed" if r["threshold"] is None else f"threshold {r['threshold']}"
             fmt = (lambda v: "-" if v is None else f"{v:.3f}")
             tpc = r.get("tokens_per_cpu_s")
-            lines.append(f"| {r['policy']} | {sched} | {r['slots']} | {r['scheduling']} | {r['tokens_per_s']:.1f} | "
+            lines.append(f"| {r['policy']} | {sched} | {r['slots']} | {r['scheduling']} | {r.get('rows', '-')} | {r['tokens_per_s']:.1f} | "
                          f"{r['rows_per_s']:.2f} | {'-' if tpc is None else f'{tpc:.1f}'} | "
                          f"{r['row_step_utilization']:.3f} | {fmt(r['utilization_while_queued'])} | "
                          f"{fmt(r['utilization_drain'])} | {r['engine_steps']} | {sp} | {spc} | "
@@ -172,6 +172,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--slots", default="16")
     ap.add_argument("--per-task", type=int, default=20, help="CPU: held-out rows per task (6 tasks)")
     ap.add_argument("--rows-per-slot", type=int, default=4, help="GPU: rows = slots x this")
+    ap.add_argument("--static-rows-per-slot", type=int, default=None,
+                    help="GPU: static runs only the first slots x this rows (its rate does not depend on how "
+                         "many batches it runs; continuous needs many rows per slot for its queued phase to "
+                         "dominate the final drain); same_tokens then compares those rows")
     ap.add_argument("--gen-length", type=int, default=256)
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--prompt-min", type=int, default=64)
@@ -210,22 +214,27 @@ def main(argv: Optional[list[str]] = None) -> None:
             for policy in a.policies.split(","):
                 recs, toks = [], {}
                 for sched in ("static", "continuous"):
+                    n_rows = len(prompts)
+                    if sched == "static" and a.gpu and a.static_rows_per_slot:
+                        n_rows = min(n_rows, slots * a.static_rows_per_slot)
                     gen = GenerationConfig(gen_length=G, block_length=BL, steps=G, threshold=thr,
                                            stop_at_eos=not a.gpu, scheduling=sched, slots=slots)
                     cache = CacheConfig(policy=policy)
                     if a.gpu:  # warm-up: compile the fused kernels, initialise cuBLAS
                         run_once(model, prompts[:slots], None if budgets is None else budgets[:slots], gen, cache,
                                  slots, device)
-                    m = run_once(model, prompts, budgets, gen, cache, slots, device)
+                    m = run_once(model, prompts[:n_rows], None if budgets is None else budgets[:n_rows], gen,
+                                 cache, slots, device)
                     toks[sched] = m.pop("_tokens")
                     rec = {"device": device_name(device), "model": model_name, "workload": workload,
                            "scheduling": sched, "policy": policy, "threshold": thr, "slots": slots,
-                           "rows": len(prompts), "gen_length": G, "block_length": BL,
+                           "rows": n_rows, "gen_length": G, "block_length": BL,
                            "threads": None if a.gpu else a.threads, "command": cmd.strip(), **m}
                     recs.append(rec)
                     print(json.dumps(rec), flush=True)
+                common = min(len(toks["static"]), len(toks["continuous"]))
                 for r in recs:
-                    r["same_tokens"] = toks["static"] == toks["continuous"]
+                    r["same_tokens"] = toks["static"][:common] == toks["continuous"][:common]
                 save(recs, Path(a.out))
 
 

@@ -139,9 +139,14 @@ def check_list(text: str, ex: Example) -> bool:
 
 
 # -- retrieval ----------------------------------------------------------------------------------
-def make_kv(rng: random.Random) -> Example:
-    """Up to 50 pairs (at most ~500 prompt tokens); the queried key sits anywhere in the context."""
-    n = rng.randint(1, 50)
+KV_MAX_PAIRS = 50
+
+
+def make_kv(rng: random.Random, max_pairs: int = KV_MAX_PAIRS, min_pairs: int = 1) -> Example:
+    """Up to 50 pairs (at most ~500 prompt tokens); the queried key sits anywhere in the context.
+    `min_pairs` / `max_pairs` narrow the pair count for a training curriculum (the defaults draw the
+    same random numbers as always, so evaluation sets do not change)."""
+    n = rng.randint(min_pairs, max_pairs)
     keys: list[str] = []
     while len(keys) < n:
         k = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4))
@@ -208,12 +213,13 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def sample(task: str, rng: random.Random, split: str = "train") -> Example:
-    """One instance of the split ('train' rejects held-out problems, 'test' keeps only those)."""
+def sample(task: str, rng: random.Random, split: str = "train", **kw) -> Example:
+    """One instance of the split ('train' rejects held-out problems, 'test' keeps only those); `kw` go to
+    the task's maker (kv_retrieval: min_pairs, max_pairs)."""
     make = get_task(task).make
     want = split == "test"
     while True:
-        ex = make(rng)
+        ex = make(rng, **kw)
         if is_heldout(ex.key) == want:
             return ex
 

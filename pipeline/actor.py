@@ -64,6 +64,18 @@ class ActorConfig:
     """ProgressTracker actor handle (or None)."""
     engine_factory: Optional[Callable[["ActorConfig"], Any]] = None
     """Builds the engine; None = dllm_cache_core.Engine.from_spec (tests pass fakes)."""
+    fallback: Optional[tuple] = None
+    """`calibration.on_drift` under `cache.policy: auto`: the chain of cache settings (chosen first, `none`
+    last), `cache` being its entry `level`. Before each batch the actor asks the progress tracker which
+    entry is active (the tracker's DriftWatch moves on when the audit's agreement drifts), runs the
+    whole batch with it and stamps its rows with it; None = always `cache`."""
+    level: int = 0
+
+
+def cache_label(cache: dict) -> str:
+    """`policy(param=value, ...)` of cache settings: the calibration table's candidate and `cache_config`."""
+    params = ", ".join(f"{k}={v}" for k, v in sorted(cache.items()) if k != "policy")
+    return f"{cache['policy']}({params})" if params else cache["policy"]
 
 
 def build_engine(cfg: ActorConfig) -> Any:
@@ -121,6 +133,8 @@ class GenerationActor:
         self._meter = threading.Lock()
         self._unreported_s = 0.0
         self._reference: Any = None
+        self._level, self._cache = config.level, config.cache
+        self._engines = {config.level: self.engine}
         scorer = config.evaluation
         self.scorer = get_scorer(scorer["scorer"], scorer.get("pattern")) if scorer else None
         self.engine_s = 0.0
@@ -179,8 +193,39 @@ class GenerationActor:
                 m.audit_token_agreement = float(token_agreement(m.token_ids, r.token_ids))
         return main
 
+    # -- the fallback chain ---------------------------------------------------------------------
+    def _use_active_policy(self) -> None:
+        """The chain's entry the tracker says is active, for the batch about to run (the engines share
+        the weights: `with_cache`)."""
+        self._switch_to(self._active_level())
+
+    def _active_level(self) -> int:
+        """The chain's entry the tracker says is active (the current one without a chain or tracker)."""
+        cfg = self.cfg
+        if cfg.fallback is None or cfg.progress is None:
+            return self._level
+        import ray
+
+        try:
+            level = int(ray.get(cfg.progress.policy_level.remote(), timeout=60))
+        except Exception:  # noqa: BLE001  (a lost tracker must not fail the job: keep the current entry)
+            return self._level
+        return level if 0 <= level < len(cfg.fallback) else self._level
+
+    def _switch_to(self, level: int) -> None:
+        cfg = self.cfg
+        if level == self._level:
+            return
+        if level not in self._engines:
+            from dllm_cache_core import CacheConfig
+
+            self._engines[level] = self._engines[cfg.level].with_cache(CacheConfig(**cfg.fallback[level]))
+        self._level, self._cache, self.engine = level, dict(cfg.fallback[level]), self._engines[level]
+        self._reference = None
+
     # -- one Ray Data batch ---------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self._use_active_policy()
         b = self._prepare(batch)
         for group, runner in ((b.normal, self.run_chunk), (b.audit, self.run_audit)):
             self._run_group(b, group, runner)
@@ -209,7 +254,7 @@ class GenerationActor:
         audit = [i for i in todo if is_audited(ids[i], cfg.audit_fraction)]
         audit_set = set(audit)
         normal = sorted((i for i in todo if i not in audit_set), key=lambda i: prompt_length(prompts[i]))
-        return _Batch(ids, raw, prompts, results, normal, audit)
+        return _Batch(ids, raw, prompts, results, normal, audit, self._level, dict(self._cache), self.engine)
 
     def _run_group(self, b: "_Batch", group: list[int], runner: Callable) -> None:
         """Rows `group` of the batch through `runner` (run_chunk or run_audit) in engine calls of batch_size."""
@@ -227,11 +272,12 @@ class GenerationActor:
 
     def _finish(self, batch: pa.Table, b: "_Batch", engine_s: float, spans: list) -> pa.Table:
         hashes = [input_hash(v, self.cfg.messages_column is not None) for v in b.raw]
-        table = self._to_table(batch, b.results, hashes)  # type: ignore[arg-type]
-        self._report(b.results, engine_s, spans)  # type: ignore[arg-type]
+        table = self._to_table(batch, b.results, hashes, b.cache)  # type: ignore[arg-type]
+        self._report(b.results, engine_s, spans, b.level)  # type: ignore[arg-type]
         return table
 
-    def _to_table(self, batch: pa.Table, results: list[RowResult], hashes: list[str]) -> pa.Table:
+    def _to_table(self, batch: pa.Table, results: list[RowResult], hashes: list[str], cache: dict) -> pa.Table:
+        """cache: the settings the batch ran under (the fallback chain's entry when it started)."""
         cfg = self.cfg
         cols: dict[str, Any] = {c: batch.column(c) for c in batch.column_names if not c.startswith(INTERNAL_PREFIX)}
         cols["input_hash"] = hashes
@@ -240,7 +286,8 @@ class GenerationActor:
         for s in STATS_COLUMNS:
             cols[s] = [(r.stats or {}).get(s) if r.error_type is None else None for r in results]
         cols["finish_reason"] = ["error" if r.error_type else (r.stats or {}).get("finish_reason") for r in results]
-        cols["cache_policy"] = [cfg.cache["policy"]] * len(results)
+        cols["cache_policy"] = [cache["policy"]] * len(results)
+        cols["cache_config"] = [cache_label(cache)] * len(results)
         cols["model"] = [cfg.model_label] * len(results)
         cols["error"] = [r.error for r in results]
         cols["error_type"] = [r.error_type for r in results]
@@ -258,7 +305,7 @@ class GenerationActor:
                   for k, v in cols.items()}
         return conform(pa.table(arrays), cfg.schema) if cfg.schema is not None else pa.table(arrays)
 
-    def _report(self, results: list[RowResult], engine_s: float, spans: list) -> None:
+    def _report(self, results: list[RowResult], engine_s: float, spans: list, level: int) -> None:
         if self.cfg.progress is None:
             return
         errors: dict[str, int] = {}
@@ -266,8 +313,11 @@ class GenerationActor:
             if r.error_type:
                 errors[r.error_type] = errors.get(r.error_type, 0) + 1
         tokens = sum((r.stats or {}).get("num_generated_tokens", 0) or 0 for r in results if r.error_type is None)
+        audit = None
+        if self.cfg.fallback is not None:
+            audit = (level, [r.audit_token_agreement for r in results if r.audit_token_agreement is not None])
         self.cfg.progress.report.remote(rows=len(results), tokens=int(tokens), errors=errors, engine_s=engine_s,
-                                        worker=self.worker, spans=spans)
+                                        worker=self.worker, spans=spans, audit=audit)
 
 
 @dataclass
@@ -282,6 +332,11 @@ class _Batch:
     """Rows for the engine, by prompt length."""
     audit: list[int]
     """Rows also run under `none` (run_audit)."""
+    level: int
+    cache: dict
+    engine: Any
+    """The fallback chain's entry, its cache settings and engine when the batch started: its rows run,
+    are stamped and are reported with them."""
 
 
 class StreamingGenerationActor(GenerationActor):
@@ -293,13 +348,15 @@ class StreamingGenerationActor(GenerationActor):
 
     What stays as in GenerationActor: rows in = rows out in the batch's order, bad input rows, engine row
     errors, scoring, input_hash, progress reports (engine time = the stream's busy time, each second
-    reported by one batch). Differences: rows are submitted by prompt length, batch by batch, and share
-    slots and the canvas width (EngineStream); out of memory retries the failing step's rows in halves
-    inside the stream (rows of several batches; a row that runs out of memory alone is an 'oom' row);
-    another step failure retries the failing step's rows one by one through Engine.generate; audited
-    rows run as today (job policy then `none`, back to back) once the stream has no row decoding, so
-    their wall-time ratio is not skewed by other rows. An engine without open_stream (a test's fake)
-    runs each batch as GenerationActor does, one batch at a time, on one engine thread.
+    reported by one batch), the fallback chain (a batch runs, is stamped and reported under the entry
+    active when it started; a switch first lets the rows and calls already in the stream finish, then
+    opens a stream on the new entry's engine). Differences: rows are submitted by prompt length, batch by
+    batch, and share slots and the canvas width (EngineStream); out of memory retries the failing step's
+    rows in halves inside the stream (rows of several batches; a row that runs out of memory alone is an
+    'oom' row); another step failure retries the failing step's rows one by one through Engine.generate;
+    audited rows run as today (job policy then `none`, back to back, as EngineStream.call: once no row is
+    decoding), so their wall-time ratio is not skewed by other rows. An engine without open_stream (a
+    test's fake) runs each batch as GenerationActor does, one batch at a time, on one engine thread.
 
     A killed actor's batches, all of them, are retried by Ray (max_task_retries) on its replacement;
     nothing of a batch is written before the batch returned, so a retry writes each row once."""
@@ -309,12 +366,16 @@ class StreamingGenerationActor(GenerationActor):
         self.batches_in_flight = batches_in_flight
         self.stream: Any = None
         self._worker: Optional[ThreadPoolExecutor] = None
-        self._gate: Optional[tuple[asyncio.AbstractEventLoop, asyncio.Semaphore]] = None
+        self._loop_state: Optional[tuple[asyncio.AbstractEventLoop, asyncio.Semaphore, asyncio.Lock]] = None
+        self._open()
+
+    def _open(self) -> None:
+        """A stream on the current engine (a single engine thread for an engine without open_stream)."""
         opener = getattr(self.engine, "open_stream", None)
         if opener is not None:
-            slots = (config.generation or {}).get("slots") or config.batch_size
-            self.stream = opener(slots=slots, chat_template=config.chat_template)
-        else:
+            slots = (self.cfg.generation or {}).get("slots") or self.cfg.batch_size
+            self.stream = opener(slots=slots, chat_template=self.cfg.chat_template)
+        elif self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="engine")
 
     def _on_engine(self, fn: Callable, *args: Any) -> "asyncio.Future":
@@ -324,16 +385,20 @@ class StreamingGenerationActor(GenerationActor):
 
     async def __call__(self, batch: pa.Table) -> pa.Table:  # type: ignore[override]
         loop = asyncio.get_running_loop()
-        if self._gate is None or self._gate[0] is not loop:  # on the event loop that runs the batches
-            self._gate = (loop, asyncio.Semaphore(self.batches_in_flight))
-        async with self._gate[1]:
+        if self._loop_state is None or self._loop_state[0] is not loop:  # on the event loop that runs batches
+            self._loop_state = (loop, asyncio.Semaphore(self.batches_in_flight), asyncio.Lock())
+        async with self._loop_state[1]:
+            await self._follow_policy()
+            # from here to the submissions nothing awaits: a policy switch cannot come in between
             b = self._prepare(batch)
+            audit = self._on_engine(self._run_group, b, b.audit, self.run_audit) if b.audit else None
             if self.stream is None:
-                await self._on_engine(self._run_group, b, b.normal, self.run_chunk)
+                await self._on_engine(self._run_group, b, b.normal,
+                                      lambda p, i: self.run_chunk(p, i, b.engine))
             else:
                 await self._stream_rows(b)
-            if b.audit:
-                await self._on_engine(self._run_group, b, b.audit, self.run_audit)
+            if audit is not None:
+                await audit
             engine_s, spans = self._take_meter()
             if self.stream is not None:
                 busy, busy_spans = self.stream.take_busy()
@@ -341,6 +406,30 @@ class StreamingGenerationActor(GenerationActor):
                     self.engine_s += busy
                 engine_s, spans = engine_s + busy, busy_spans + spans
             return self._finish(batch, b, engine_s, spans)
+
+    async def _follow_policy(self) -> None:
+        """The fallback chain's active entry for the batch about to start: on a switch, the rows and calls
+        already submitted finish under the old entry first (its stream is closed), then the new entry's
+        engine gets a stream (one engine thread and one decode loop at a time)."""
+        if self.cfg.fallback is None or self.cfg.progress is None:
+            return
+        async with self._loop_state[2]:
+            level = await asyncio.to_thread(self._active_level)
+            if level == self._level:
+                return
+            old = self.stream
+            if old is not None:
+                await asyncio.to_thread(old.close)
+                busy, spans = old.take_busy()
+                with self._meter:
+                    self.engine_s += busy
+                    self._unreported_s += busy
+                    self._spans += spans
+                self.stream = None
+            elif self._worker is not None:
+                await asyncio.wrap_future(self._worker.submit(lambda: None))
+            self._switch_to(level)
+            self._open()
 
     async def _stream_rows(self, b: _Batch) -> None:
         futures = self.stream.submit([(b.ids[i], b.prompts[i]) for i in b.normal])
@@ -355,7 +444,8 @@ class StreamingGenerationActor(GenerationActor):
                 raise o  # the stream itself failed (a bug): the batch fails, Ray Data reports it
             else:
                 b.results[i] = RowResult.of(o)
-        if retry:  # one by one, as GenerationActor retries a call that raised
-            rows = await self._on_engine(lambda: [r for i in retry for r in self.run_chunk([b.prompts[i]], [b.ids[i]])])
+        if retry:  # one by one through the batch's engine, as GenerationActor retries a call that raised
+            rows = await self._on_engine(
+                lambda: [r for i in retry for r in self.run_chunk([b.prompts[i]], [b.ids[i]], b.engine)])
             for i, r in zip(retry, rows):
                 b.results[i] = r

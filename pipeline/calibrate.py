@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from . import fs as fsx
 from . import output
-from .actor import ActorConfig, GenerationActor, prompt_length
+from .actor import ActorConfig, GenerationActor, cache_label, prompt_length
 from .io import ReadPlan, read_dataset
 from .schema import INTERNAL_PREFIX, conform
 from .spec import JobSpec
@@ -39,9 +39,7 @@ CANDIDATE = INTERNAL_PREFIX + "candidate"
 ENGINE_S = INTERNAL_PREFIX + "engine_s"
 
 
-def label(cache: dict[str, Any]) -> str:
-    params = ", ".join(f"{k}={v}" for k, v in sorted(cache.items()) if k != "policy")
-    return f"{cache['policy']}({params})" if params else cache["policy"]
+label = cache_label
 
 
 def candidates(spec: JobSpec) -> list[dict[str, Any]]:
@@ -191,6 +189,8 @@ def write_winner(spec: JobSpec, results: pa.Table, winner: int, caches: list[dic
     won = won.drop_columns([CANDIDATE, ENGINE_S])
     won = won.set_column(won.column_names.index("cache_policy"), "cache_policy",
                          pa.array([caches[winner]["policy"]] * won.num_rows, pa.string()))
+    won = won.set_column(won.column_names.index("cache_config"), "cache_config",
+                         pa.array([label(caches[winner])] * won.num_rows, pa.string()))
     won = won.set_column(won.column_names.index("audit_token_agreement"), "audit_token_agreement", pa.array(agree, pa.float64()))
     won = won.set_column(won.column_names.index("audit_speedup"), "audit_speedup", pa.array(speed, pa.float64()))
     fs, d = fsx.resolve(spec.output.path)
@@ -216,9 +216,80 @@ def calibrate(spec: JobSpec, plan: ReadPlan, cfg: ActorConfig, schema: pa.Schema
         print(f"  {e['candidate']:<32} agreement {_fmt(e['token_agreement'])}  tokens/s {_fmt(e['tokens_per_s'])}"
               f"  flops x{_fmt(e['flops_speedup'])}" + (f"  score {_fmt(e.get('score'))}" if 'score' in e else "")
               + ("" if e["meets_floors"] else "  (below the floor)"), file=stream)
-    print(f"calibration: chose {table[winner]['candidate']}", file=stream, flush=True)
+    chain = fallback_chain(table, winner)
+    print(f"calibration: chose {table[winner]['candidate']}"
+          + (f" (on drift: {cal.on_drift}; fallback order {' -> '.join(e['candidate'] for e in chain[1:])})"
+             if len(chain) > 1 else ""), file=stream, flush=True)
     return {"winner": table[winner]["candidate"], "cache": caches[winner], "rows": written, "table": table,
-            "min_agreement": cal.min_agreement, "min_score_ratio": cal.min_score_ratio}
+            "min_agreement": cal.min_agreement, "min_score_ratio": cal.min_score_ratio,
+            "on_drift": cal.on_drift, "chain": chain, "active": 0, "drift_events": []}
+
+
+def fallback_chain(table: list[dict[str, Any]], winner: int) -> list[dict[str, Any]]:
+    """The chosen candidate, then each next safer one, `none` last: from the current one, the fastest other
+    candidate that met the floors, is slower (tokens/s) and agreed with `none` at least as well on the
+    calibration rows; when there is none left, `none`. Entries: {"candidate": label, "cache": settings}."""
+    entry = lambda e: {"candidate": e["candidate"], "cache": dict(e["cache"])}  # noqa: E731
+    chain, cur = [entry(table[winner])], table[winner]
+    while cur["cache"]["policy"] != "none":
+        nxt = [e for e in table if e["cache"]["policy"] != "none" and e["meets_floors"] and e.get("tokens_per_s")
+               and cur.get("tokens_per_s") and e["tokens_per_s"] < cur["tokens_per_s"]
+               and (e["token_agreement"] or 0.0) >= (cur["token_agreement"] or 0.0)]
+        cur = max(nxt, key=lambda e: e["tokens_per_s"]) if nxt else {"candidate": "none", "cache": {"policy": "none"}}
+        chain.append(entry(cur))
+    return chain
+
+
+def recorded_chain(cal: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fallback chain of a calibration record (computed for records written before chains were kept)."""
+    if cal.get("chain"):
+        return cal["chain"]
+    names = [e["candidate"] for e in cal.get("table", [])]
+    return fallback_chain(cal["table"], names.index(cal["winner"])) if cal["winner"] in names else \
+        [{"candidate": cal["winner"], "cache": cal["cache"]}]
+
+
+class DriftWatch:
+    """The running audit agreement of the active entry of a fallback chain, fed batch by batch (in the
+    progress tracker): when drift() finds it below the floor, one event, and with mode `fallback` the next
+    entry becomes active (its agreement counted from zero). Agreements of rows that ran under an entry
+    that is no longer active (batches started before a switch) are not counted."""
+
+    def __init__(self, chain: list[dict[str, Any]], active: int, floor: float, mode: str,
+                 seed: Optional[list[float]] = None):
+        self.chain, self.active, self.floor, self.mode = chain, active, floor, mode
+        self.values: list[float] = list(seed or [])
+        self.events: list[dict[str, Any]] = []
+        self.flagged = False
+
+    def add(self, level: int, agreement: list[float], rows_done: int) -> Optional[dict[str, Any]]:
+        if level != self.active or not agreement:
+            return None
+        self.values.extend(agreement)
+        cur = self.chain[self.active]
+        d = drift({"cache": cur["cache"], "min_agreement": self.floor}, self.values)
+        if d is None or not d["below_floor"]:
+            return None
+        fallback = self.mode == "fallback" and self.active + 1 < len(self.chain)
+        if not fallback and self.flagged:
+            return None
+        import datetime as dt
+
+        event = {"action": "fallback" if fallback else "flag", "from": cur["candidate"],
+                 "to": self.chain[self.active + 1]["candidate"] if fallback else None,
+                 "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "rows_done": rows_done,
+                 "audited_rows": d["rows"], "agreement": d["mean"], "standard_error": d["standard_error"],
+                 "floor": self.floor}
+        self.events.append(event)
+        if fallback:
+            self.active += 1
+            self.values = []
+        else:
+            self.flagged = True
+        return event
+
+    def state(self) -> dict[str, Any]:
+        return {"active": self.active, "events": list(self.events)}
 
 
 def drift(calibration: dict[str, Any], agreement: list[float]) -> Optional[dict[str, Any]]:

@@ -35,7 +35,9 @@ def new_output_id() -> str:
 
 
 def fingerprint_components(spec: JobSpec, model_hash: str) -> dict[str, Any]:
-    calibration = {"calibration": spec.calibration.model_dump(mode="json")} if spec.cache.policy == "auto" else {}
+    # on_drift changes rows only as fallback: left out at its default, so outputs written before it existed resume
+    cal = spec.calibration.model_dump(mode="json", exclude={"on_drift"} if spec.calibration.on_drift == "flag" else None)
+    calibration = {"calibration": cal} if spec.cache.policy == "auto" else {}
     return {**calibration,
         "model": model_hash,
         "family": spec.model.family,

@@ -8,7 +8,7 @@ starts and no model loads until the returned Dataset is consumed (`write_parquet
 pool with it too and adds the job around it (resume, atomic parts, audit, evaluation, report).
 
 Output rows: every input column, then `generation`, `generation_token_ids`, the per-sample stats,
-`finish_reason`, `cache_policy`, `model`, `error`, `error_type`; typed even in a batch of error rows
+`finish_reason`, `cache_policy`, `cache_config`, `model`, `error`, `error_type`; typed even in a batch of error rows
 (an output column replaces an input column of the same name). A bad row (empty, wrong type, too long, tokenizer failure, a row that runs out of memory on its
 own) comes out as a row with `error` / `error_type` set; the row count never changes.
 

@@ -22,7 +22,10 @@ class ProgressTracker:
     MAX_SPANS = 256
     """Engine-call spans (start, end, rows) kept per actor, the first ones: a timeline for benchmark-sized jobs."""
 
-    def __init__(self) -> None:
+    def __init__(self, watch: Optional[Any] = None) -> None:
+        """watch: a calibrate.DriftWatch (`calibration.on_drift`), fed the audit agreements of each batch;
+        actors ask `policy_level` before each batch."""
+        self.watch = watch
         self.rows = 0
         self.tokens = 0
         self.errors: dict[str, int] = {}
@@ -38,9 +41,13 @@ class ProgressTracker:
         self._actor(worker).update(load_start=start, load_end=end, imported=imported)
 
     def report(self, rows: int, tokens: int, errors: dict[str, int], engine_s: float, worker: str,
-               spans: Sequence[tuple[float, float, int]] = ()) -> None:
-        """One finished batch; spans = its engine calls (start, end, prompts), wall-clock times."""
+               spans: Sequence[tuple[float, float, int]] = (),
+               audit: Optional[tuple[int, list[float]]] = None) -> None:
+        """One finished batch; spans = its engine calls (start, end, prompts), wall-clock times; audit =
+        (the fallback chain's entry it ran under, its audited rows' token agreements)."""
         self.rows += rows
+        if audit is not None and self.watch is not None:
+            self.watch.add(audit[0], list(audit[1]), self.rows)
         self.tokens += tokens
         self.engine_s += engine_s
         for k, v in errors.items():
@@ -57,10 +64,16 @@ class ProgressTracker:
             if len(a["spans"]) < self.MAX_SPANS:
                 a["spans"].append((round(start, 4), round(end, 4), n))
 
+    def policy_level(self) -> int:
+        """The fallback chain's active entry (0 without a watch)."""
+        return self.watch.active if self.watch is not None else 0
+
     def snapshot(self, actors: bool = False) -> dict[str, Any]:
         """Totals (polled every second); with actors=True also the per-actor entries (at the end)."""
         snap = {"rows": self.rows, "tokens": self.tokens, "errors": dict(self.errors), "engine_s": self.engine_s,
                 "workers": sorted(w for w, a in self.actors.items() if a["batches"])}
+        if self.watch is not None:
+            snap["policy"] = self.watch.state()
         if actors:
             snap["actors"] = [dict(a) for _, a in sorted(self.actors.items())]
         return snap
@@ -74,6 +87,8 @@ class Snapshot:
     engine_s: float = 0.0
     workers: list[str] = field(default_factory=list)
     actors: list[dict[str, Any]] = field(default_factory=list)
+    policy: dict[str, Any] = field(default_factory=dict)
+    """With a DriftWatch: the active entry of the fallback chain and the drift events so far."""
 
 
 def pool_ready_s(actors: list[dict], t0: float, num_actors: int) -> float:
@@ -109,8 +124,11 @@ class ProgressMonitor:
 
     def __init__(self, fetch: Callable[[], dict], total: int, interval_s: float = 10.0,
                  stream=None, tty: Optional[bool] = None, poll_s: float = 1.0,
-                 final_fetch: Optional[Callable[[], dict]] = None):
+                 final_fetch: Optional[Callable[[], dict]] = None,
+                 on_snapshot: Optional[Callable[[Snapshot], None]] = None):
+        """on_snapshot: called with every snapshot polled (e.g. to record drift events as they happen)."""
         self.fetch, self.total, self.interval_s, self.poll_s = fetch, total, interval_s, poll_s
+        self.on_snapshot = on_snapshot
         self.final_fetch = final_fetch
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
@@ -135,7 +153,12 @@ class ProgressMonitor:
         try:
             self.last = Snapshot(**self.fetch())
         except Exception:  # noqa: BLE001  (progress must never break the job)
-            pass
+            return
+        if self.on_snapshot is not None:
+            try:
+                self.on_snapshot(self.last)
+            except Exception:  # noqa: BLE001  (the runner records the final snapshot again after the pipeline)
+                pass
 
     def _loop(self) -> None:
         last_line = 0.0

@@ -38,7 +38,7 @@ def report_files() -> list[str]:
 
 
 _COLUMNS = ["num_prompt_tokens", "num_generated_tokens", "tokens_per_step", "flops_speedup", "flops_speedup_total",
-            "latency_s", "finish_reason", "error_type", "cache_policy", "audit_speedup", "audit_token_agreement",
+            "latency_s", "finish_reason", "error_type", "cache_policy", "cache_config", "audit_speedup", "audit_token_agreement",
             "score", "extracted_answer"]
 
 
@@ -232,10 +232,33 @@ def to_markdown(rep: dict[str, Any], name: str = "") -> str:
                   f"{_fmt(e['flops_speedup'])} | {_fmt(e.get('score'))} | {'yes' if e['meets_floors'] else 'no'} |"
                   for e in cal["table"]]
         d = cal.get("drift")
+        events = cal.get("drift_events") or []
+        fell_back = any(e["action"] == "fallback" for e in events)
         if d:
             lines += ["", f"Audit of the chosen policy on {d['rows']} rows: agreement {_fmt(d['mean'])} "
                       f"(standard error {_fmt(d['standard_error'])}, floor {_fmt(d['floor'])})"
-                      + (": **below the floor**; the choice no longer holds on this data" if d["below_floor"] else ".")]
+                      + ((": **below the floor**; the job fell back to a safer candidate (below)" if fell_back else
+                          ": **below the floor**; the choice no longer holds on this data") if d["below_floor"] else ".")]
+        chain = cal.get("chain") or []
+        if len(chain) > 1:
+            lines += ["", f"on_drift: {cal.get('on_drift', 'flag')}; fallback order: "
+                      + " -> ".join(e["candidate"] for e in chain)]
+        lines += [""] if events else []
+        for e in events:
+            lines.append(f"- {e['at']}, after {e['rows_done']} row(s) of the run: agreement under {e['from']} "
+                         f"{_fmt(e['agreement'])} over {e['audited_rows']} audited row(s) (standard error "
+                         f"{_fmt(e['standard_error'])}) below the floor {_fmt(e['floor'])}: "
+                         + (f"**switched to {e['to']}** for the rows started after" if e["action"] == "fallback"
+                            else "flagged, kept"))
+        by = cal.get("rows_by_config") or {}
+        if by:
+            lines += ["", "Rows by cache configuration (`cache_config`): "
+                      + ", ".join(f"{k} {v}" for k, v in by.items())]
+        for name, dd in (cal.get("drift_by_config") or {}).items():
+            if dd and name != (chain[0]["candidate"] if chain else None):
+                lines += ["", f"Audit under {name} on {dd['rows']} rows: agreement {_fmt(dd['mean'])} "
+                          f"(standard error {_fmt(dd['standard_error'])})" + (": **below the floor**" if
+                                                                                dd["below_floor"] else ".")]
     ev = rep.get("evaluation")
     if ev:
         lines += ["", "## Evaluation", "", f"scorer {ev['scorer']}: accuracy {_fmt(ev['accuracy'])} over {ev['scored']} scored rows", ""]
@@ -266,9 +289,23 @@ def write_report(out_uri: str, run: Optional[dict] = None, evaluation: Any = Non
     if cal:
         from .calibrate import drift
 
-        agree = [x for x in (table.column("audit_token_agreement").to_pylist() if "audit_token_agreement" in
-                             table.column_names else []) if x is not None]
-        rep["calibration"] = {**cal, "drift": drift(cal, agree)}
+        col = lambda name: (table.column(name).to_pylist() if name in table.column_names  # noqa: E731
+                            else [None] * table.num_rows)
+        pairs = list(zip(col("cache_config"), col("audit_token_agreement")))
+        per: dict[str, list[float]] = {}
+        for c, a in pairs:
+            if a is not None:
+                per.setdefault(c, []).append(a)
+        rep["calibration"] = {**cal, "rows_by_config": _counts([c for c, _ in pairs])}
+        chain = cal.get("chain") or [{"candidate": cal["winner"], "cache": cal["cache"]}]
+        # each entry's running agreement over its own rows; an output written before `cache_config` existed
+        # ran under the choice alone: all its audited rows
+        legacy = not any(c for c, _ in pairs)
+        rep["calibration"]["drift_by_config"] = {
+            e["candidate"]: drift({**cal, "cache": e["cache"]}, [a for _, a in pairs if a is not None]
+                                  if legacy and k == 0 else per.get(e["candidate"], []))
+            for k, e in enumerate(chain)}
+        rep["calibration"]["drift"] = rep["calibration"]["drift_by_config"].get(chain[0]["candidate"])
     paths = {}
     rd, ru = fsx.join(d, REPORT_DIR), fsx.join(out_uri, REPORT_DIR)
     fs.create_dir(fsx.join(rd, "plots"), recursive=True)

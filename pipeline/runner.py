@@ -256,8 +256,9 @@ def dry_run(spec: JobSpec, stream: TextIO = sys.stdout) -> ReadPlan:
 
 # ----------------------------------------------------------------------------- running (Ray)
 def actor_config(spec: JobSpec, schema: pa.Schema, progress: Any = None, engine_factory=None,
-                 cache: Optional[dict] = None) -> ActorConfig:
-    """cache: the engine's cache settings (the calibration's choice under `cache.policy: auto`)."""
+                 cache: Optional[dict] = None, fallback: Optional[tuple] = None, level: int = 0) -> ActorConfig:
+    """cache: the engine's cache settings (under `cache.policy: auto` the calibration's choice, or the
+    fallback chain's active entry `level` of `fallback`)."""
     return ActorConfig(
         model_path=spec.model.path, family=spec.model.family, dtype=spec.dtype, device=spec.compute.device,
         seed=spec.seed, generation=spec.generation.engine_kwargs(), cache=cache or spec.cache.engine_kwargs(),
@@ -265,7 +266,8 @@ def actor_config(spec: JobSpec, schema: pa.Schema, progress: Any = None, engine_
         chat_template=spec.input.chat_template, id_column=spec.input.id_column, batch_size=spec.compute.batch_size,
         audit_fraction=spec.audit.fraction,
         evaluation=spec.evaluation.model_dump() if spec.evaluation else None,
-        schema=schema, model_label=spec.model.path, progress=progress, engine_factory=engine_factory)
+        schema=schema, model_label=spec.model.path, progress=progress, engine_factory=engine_factory,
+        fallback=fallback, level=level)
 
 
 def preflight(spec: JobSpec) -> dict[str, Any]:
@@ -399,7 +401,10 @@ def _check_fingerprint(spec: JobSpec, job: Optional[dict], fp: str, components: 
                    + ". Allowed: the same settings, a new output.path, or output.on_existing: overwrite")
 
 
-def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO, output_id: str) -> tuple[float, dict]:
+def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO, output_id: str, watch: Any = None,
+             on_snapshot=None) -> tuple[float, dict]:
+    """watch: a calibrate.DriftWatch kept by the progress tracker (`calibration.on_drift`); on_snapshot:
+    called with every progress snapshot."""
     import ray
     from ray.data import DataContext
 
@@ -411,7 +416,7 @@ def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO, outp
     ctx.enable_progress_bars = False  # ours below says more (tokens/s, errors, ETA)
     ctx.wait_for_min_actors_s = 600
     quiet_ray()
-    tracker = ray.remote(num_cpus=0)(ProgressTracker).remote()
+    tracker = ray.remote(num_cpus=0)(ProgressTracker).remote(watch)
     cfg = actor_config(spec, progress=tracker, **cfg_args)
     c = spec.compute
     out_schema = cfg.schema
@@ -421,7 +426,8 @@ def _execute(spec: JobSpec, plan: ReadPlan, cfg_args: dict, stream: TextIO, outp
     t0 = time.time()
     monitor = ProgressMonitor(lambda: ray.get(tracker.snapshot.remote(), timeout=10), plan.todo_rows,
                               interval_s=c.progress_interval_s, stream=stream,
-                              final_fetch=lambda: ray.get(tracker.snapshot.remote(actors=True), timeout=10))
+                              final_fetch=lambda: ray.get(tracker.snapshot.remote(actors=True), timeout=10),
+                              on_snapshot=on_snapshot)
     try:
         with monitor, filtered_stderr():
             ds.write_datasink(sink)
@@ -439,15 +445,23 @@ def _calibrated(spec: JobSpec, plan: ReadPlan, input_scan: InputScan, schema: pa
                 job: Optional[dict], retry_errors: bool, engine_factory, stream: TextIO,
                 output_id: str) -> tuple[ReadPlan, dict]:
     """`cache.policy: auto`: the choice recorded by an earlier run of this job, else a calibration now
-    (its rows are written, so the plan is made again without them). Returns (plan, cache settings)."""
-    from .calibrate import calibrate
+    (its rows are written, so the plan is made again without them). Returns (plan, the calibration record:
+    its `chain` and `active` entry say which cache settings the rows to run start with)."""
+    from .calibrate import calibrate, recorded_chain
 
     cal = (job or {}).get("calibration") if job and job.get("fingerprint") == record["fingerprint"] else None
     if cal is not None:
+        cal = {**cal, "chain": recorded_chain(cal), "active": cal.get("active", 0),
+               "drift_events": list(cal.get("drift_events", [])), "on_drift": spec.calibration.on_drift}
         print(f"calibration: using the recorded choice {cal['winner']}", file=stream)
+        if cal["active"]:
+            print(f"calibration: continuing with the fallback {cal['chain'][cal['active']]['candidate']} (the "
+                  "audit's agreement drifted in an earlier run; rows already written keep theirs)", file=stream)
     else:
         if not plan.todo_rows:
-            return plan, {"policy": "none"}
+            none = {"policy": "none"}
+            return plan, {"winner": "none", "cache": none, "chain": [{"candidate": "none", "cache": none}],
+                          "active": 0, "drift_events": []}
         cfg = actor_config(spec, schema, engine_factory=engine_factory)
         try:
             cal = calibrate(spec, plan, cfg, schema, stream, output_id)
@@ -457,7 +471,63 @@ def _calibrated(spec: JobSpec, plan: ReadPlan, input_scan: InputScan, schema: pa
         plan = resume_plan(spec, input_scan, retry_errors, stream, schema=schema, output_id=output_id)
     record["calibration"] = cal
     manifest.write_job(spec.output.path, record)
-    return plan, cal["cache"]
+    return plan, cal
+
+
+def _policy_rows(out: str) -> Optional[pa.Table]:
+    """`cache_config` and `audit_token_agreement` of the rows written (null where a part predates the column)."""
+    from .resume import _read_part
+
+    fs, d = fsx.resolve(out)
+    cols = ["cache_config", "audit_token_agreement"]
+    tables = []
+    for info in output.list_parts(fs, d):
+        t = _read_part(fs, info.path, cols)
+        tables.append(pa.table({c: t.column(c) if c in t.column_names else pa.nulls(t.num_rows, pa.string()
+                                if c == "cache_config" else pa.float64()) for c in cols}))
+    return pa.concat_tables(tables) if tables else None
+
+
+def _drift_setup(spec: JobSpec, cal: dict, record: dict, stream: TextIO) -> tuple[dict, Any, Any]:
+    """The actor settings, the DriftWatch and the snapshot callback of an auto job: the rows run under the
+    chain's active entry; the watch starts from the agreements of the rows already written under it (the
+    calibration rows at first), and each drift event is written to `_job.json` as it happens."""
+    from .calibrate import DriftWatch
+
+    chain, active = cal["chain"], cal["active"]
+    args = {"cache": chain[active]["cache"]}
+    if len(chain) < 2:
+        return args, None, None
+    t = _policy_rows(spec.output.path)
+    seed = [] if t is None else [a for c, a in zip(t.column("cache_config").to_pylist(),
+                                                   t.column("audit_token_agreement").to_pylist())
+                                 if c == chain[active]["candidate"] and a is not None]
+    watch = DriftWatch(chain, active, cal.get("min_agreement", spec.calibration.min_agreement),
+                       spec.calibration.on_drift, seed)
+    args.update(fallback=tuple(e["cache"] for e in chain), level=active)
+    before = list(cal.get("drift_events", []))
+
+    def on_snapshot(snap: Any) -> None:
+        p = snap.policy
+        if not p or len(before) + len(p["events"]) == len(record["calibration"]["drift_events"]):
+            return
+        new = p["events"][len(record["calibration"]["drift_events"]) - len(before):]
+        record["calibration"] = {**record["calibration"], "active": p["active"], "drift_events": before + p["events"]}
+        manifest.write_job(spec.output.path, record)
+        for e in new:
+            print(f"drift: the audit's token agreement under {e['from']} is {e['agreement']:.3f} over "
+                  f"{e['audited_rows']} row(s) (standard error {e['standard_error'] or 0:.3f}), below the floor "
+                  f"{e['floor']:g} by more than two standard errors; "
+                  + (f"on_drift fallback: rows started from now on run under {e['to']}" if e["action"] == "fallback"
+                     else "on_drift flag: the job keeps it, the report flags it"), file=stream, flush=True)
+
+    return args, watch, on_snapshot
+
+
+def _snapshot_of(snap: dict) -> Any:
+    from .progress import Snapshot
+
+    return Snapshot(**{k: v for k, v in snap.items() if k in Snapshot.__dataclass_fields__})
 
 
 def precheck(spec: JobSpec) -> None:
@@ -529,13 +599,17 @@ def _run_leased(spec: JobSpec, retry_errors: bool, stream: TextIO, engine_factor
     manifest.clear_success(out)
     wall, snap = 0.0, {"rows": 0, "tokens": 0, "errors": {}, "engine_s": 0.0}
     try:
-        cache = None
+        args: dict = {"schema": schema, "engine_factory": engine_factory}
+        watch = on_snapshot = None
         if spec.cache.policy == "auto":
-            plan, cache = _calibrated(spec, plan, input_scan, schema, record, job, retry_errors, engine_factory,
-                                      stream, output_id)
+            plan, cal = _calibrated(spec, plan, input_scan, schema, record, job, retry_errors, engine_factory,
+                                    stream, output_id)
+            cache_args, watch, on_snapshot = _drift_setup(spec, cal, record, stream)
+            args.update(cache_args)
         if plan.todo_rows:
-            wall, snap = _execute(spec, plan, {"schema": schema, "engine_factory": engine_factory, "cache": cache},
-                                  stream, output_id)
+            wall, snap = _execute(spec, plan, args, stream, output_id, watch, on_snapshot)
+            if on_snapshot is not None:
+                on_snapshot(_snapshot_of(snap))  # the last events, should the monitor have missed them
         return finalize(spec, plan, schema, record, wall, snap, stream, timing, lease)
     except KeyboardInterrupt:
         _record_end(out, record, "interrupted", "stopped by Ctrl-C or SIGTERM")
@@ -629,6 +703,12 @@ def finalize(spec: JobSpec, plan: ReadPlan, schema: pa.Schema, record: dict, wal
         manifest.write_job(out, record)
         raise JobError(f"{missing} input id(s) are missing from the output after the run; "
                        "run the same command again to resume")
+    if record.get("calibration") is not None:
+        rows = _policy_rows(out)
+        by = pc.value_counts(rows.column("cache_config").drop_null()).to_pylist() if rows is not None else []
+        record["calibration"] = {**record["calibration"],
+                                 "rows_by_config": dict(sorted((v["values"], v["counts"]) for v in by))}
+        manifest.write_job(out, record)  # the report reads it
     result.report = write_report(out, run=result.to_dict(), evaluation=spec.evaluation)
     record.update(status="complete", finished_at=manifest.now(), run=result.to_dict())
     manifest.write_job(out, record)

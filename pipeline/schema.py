@@ -58,7 +58,13 @@ OUTPUT: list[Column] = [
     Column("generation", pa.string(), "Generated text (decoded `generation_token_ids`); null on error rows."),
     Column("generation_token_ids", pa.list_(pa.int32()), "Generated token ids, cut before the first stop token."),
     *STATS,
-    Column("cache_policy", pa.string(), "The job's `cache.policy`."),
+    Column("cache_policy", pa.string(),
+           "The cache policy this row ran under: the job's `cache.policy`; under `auto` the calibration's choice, "
+           "or the fallback's after a drift (`calibration.on_drift: fallback`)."),
+    Column("cache_config", pa.string(),
+           "The cache settings this row ran under, as `policy(param=value, ...)` (the calibration table's "
+           "candidate label; the parameters set, e.g. `dual(refresh_interval=4)`): tells apart two settings of "
+           "one policy."),
     Column("model", pa.string(), "The job's `model.path`."),
     Column("error", pa.string(), "Why the row failed (message naming the cause); null on success."),
     Column("error_type", pa.string(),

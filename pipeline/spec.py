@@ -207,6 +207,11 @@ class CalibrationSpec(_Section):
     """Rows in the calibration sample (seeded, stratified by prompt length)."""
     seed: Optional[int] = Field(default=None, ge=0)
     """Seed of the sample; null = the job's seed."""
+    on_drift: Literal["flag", "fallback"] = "flag"
+    """What happens when the audit's running token agreement of the chosen candidate falls below
+    min_agreement by more than two standard errors: flag (the report says so; the job keeps the choice)
+    or fallback (the rows started after that run under the next safer candidate of the calibration
+    table, down to `none`; each row's `cache_config` says which; needs audit.fraction > 0)."""
 
     @field_validator("candidates", mode="before")
     @classmethod
@@ -328,6 +333,9 @@ class JobSpec(_Section):
         if "calibration" in self.model_fields_set and self.cache.policy != "auto":
             raise ValueError(f"calibration.* is only used with cache.policy: auto, not {self.cache.policy!r}; "
                              "allowed: remove the calibration section, or cache.policy: auto")
+        if self.calibration.on_drift == "fallback" and not self.audit.fraction:
+            raise ValueError("calibration.on_drift: fallback needs audited rows to watch the agreement, but "
+                             "audit.fraction is 0; allowed: audit.fraction > 0 (e.g. 0.05), or on_drift: flag")
         why = overlap(self.input.path, self.output.path)
         if why:
             raise ValueError(f"output.path must differ from input.path and lie outside it: output.path="

@@ -222,9 +222,11 @@ def test_prompt_buckets_keep_order_and_results():
     model = decode_model("dream")[0]
     rows = [ROWS[0], [65 + (i % 26) for i in range(90)], ROWS[2], [97 + (i % 26) for i in range(70)]]
     gen = dict(stop_at_eos=False, **MODES["threshold"])
-    loops: list = []
-    got = generate_rows(model, rows, GenerationConfig(slots=2, **gen), CacheConfig("dual"), loops_out=loops)
     want = generate(model, rows, GenerationConfig(scheduling="static", **gen), CacheConfig("dual"))
-    assert len(loops) == 2 and sorted(lp.prompt_len for lp in loops) == [8, 90]
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    assert [stats_of(o) for o in got] == [stats_of(o) for o in want]
+    # slots=1: both width groups fill their slot twice; slots=2: the narrow group joins the wide one
+    for slots, widths in ((1, [8, 90]), (2, [90])):
+        loops: list = []
+        got = generate_rows(model, rows, GenerationConfig(slots=slots, **gen), CacheConfig("dual"), loops_out=loops)
+        assert sorted(lp.prompt_len for lp in loops) == widths
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert [stats_of(o) for o in got] == [stats_of(o) for o in want]

@@ -216,3 +216,76 @@ def test_export_loads_as_a_model_folder(tmp_path):
     model, tok = load_model(tmp_path / "model")
     assert model.config.d_model == MICRO.d_model and model.config.mask_id == tok.mask_token_id
     assert (tmp_path / "model" / "model.safetensors").stat().st_size < 1_000_000
+
+
+# -- retrieval curriculum, answer weights, init from an exported folder ------------------------
+def _pairs(prompt: str) -> int:
+    return sum(1 for line in prompt.splitlines() if "=" in line and " " not in line.split("=")[0])
+
+
+def test_kv_curriculum_grows_pair_counts_with_the_step():
+    from dllm_cache_core.tasks import KV_MAX_PAIRS, make_kv
+
+    cfg = DataConfig(task_weights={"kv_retrieval": 1.0}, kv_pairs_start=4, kv_pairs_ramp=(100, 1100))
+    assert [cfg.kv_cap(s) for s in (0, 100, 600, 1100, 5000)] == [4, 4, 27, 50, 50]
+    assert not DataConfig().kv_curriculum and DataConfig().kv_cap(0) == KV_MAX_PAIRS
+    # the default maker draws exactly what it always drew (evaluation sets unchanged)
+    assert make_kv(random.Random(3)) == make_kv(random.Random(3), max_pairs=50, min_pairs=1)
+    mk = BatchMaker(TOKENIZER, DataConfig(tokens_per_batch=4096, task_weights={"kv_retrieval": 1.0},
+                                          kv_pairs_start=4, kv_pairs_ramp=(100, 1100)), seed=0)
+    tok = mk.tok
+    def counts(step):
+        x = mk(step)
+        P = x["prompt_len"]
+        return [_pairs(tok.decode(r[:P][x["key_mask"][i, :P]].tolist(), skip_special_tokens=False))
+                for i, r in enumerate(x["ids"])]
+    early = [n for s in range(20) for n in counts(s)]
+    late = [n for s in range(2000, 2020) for n in counts(s)]
+    assert 1 <= min(early) and max(early) <= 4
+    assert max(late) > 20 and min(late) >= 1
+    assert torch.equal(mk(7)["ids"], mk(7)["ids"])  # still a pure function of (seed, step)
+    # short-context batches hold more samples
+    assert sum(len(counts(s)) for s in range(10)) > sum(len(counts(s)) for s in range(2000, 2010))
+
+
+def test_answer_weight_reweights_only_answer_tokens():
+    model, cj = _micro_model()
+    mk = BatchMaker(TOKENIZER, DataConfig(tokens_per_batch=1024, task_weights={"kv_retrieval": 1.0},
+                                          task_canvas_mix={"kv_retrieval": (1.0, 1.0, 1.0)},
+                                          answer_weight={"kv_retrieval": 3.0}), seed=0)
+    b = mk(0)
+    assert b["answer_weight"] == 3.0 and b["ids"].shape[1] - b["prompt_len"] == 32  # tight canvas
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    with torch.no_grad():
+        l3, m3 = diffusion_loss(model, b, cj["mask_token_id"], 1e-3, gen())
+        l1, m1 = diffusion_loss(model, {**b, "answer_weight": 1.0}, cj["mask_token_id"], 1e-3, gen())
+    assert l3 > l1 and torch.equal(m3["acc_answer"], m1["acc_answer"]) and "acc_answer" in m1
+
+
+def test_init_from_loads_exactly_the_exported_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from dllm_cache_core.training.checkpoint import load_checkpoint
+    from dllm_cache_core.training.export import export_model
+    from dllm_cache_core.training.trainer import load_exported, train
+
+    src, cj = _micro_model(seed=5)
+    export_model(src.state_dict(), cj, BUILTIN, tmp_path / "exported")
+    saved = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    dst, _ = _micro_model(seed=6)
+    load_exported(dst, cj, str(tmp_path / "exported"))
+    for k, v in dst.state_dict().items():
+        assert torch.equal(v, saved[k].float()), k
+    with pytest.raises(ValueError, match="architecture"):
+        load_exported(dst, {**cj, "d_model": 64}, str(tmp_path / "exported"))
+    # a run with init_from: 0 steps keeps the exported weights; the checkpoint holds them and a fresh phase
+    s = train(_cfg(tmp_path / "run", 1, stop_after=0, max_minutes=0.0, init_from=str(tmp_path / "exported")))
+    ck = load_checkpoint(tmp_path / "run")
+    assert s["step"] == 0 and ck["meta"]["phase_start"] == 0
+    for k, v in ck["model"].items():
+        assert torch.equal(v, saved[k].float()), k
+    # a 1-step run from the same folder moves away from them (it trained)
+    train(_cfg(tmp_path / "run2", 1, init_from=str(tmp_path / "exported")))
+    ck2 = load_checkpoint(tmp_path / "run2")
+    assert ck2["meta"]["step"] == 1
+    assert any(not torch.equal(v, saved[k].float()) for k, v in ck2["model"].items())

@@ -192,6 +192,29 @@ def prompt_bucket(n: int) -> int:
     return max(64, 1 << max(0, n - 1).bit_length())
 
 
+def width_groups(prompts: Sequence[Sequence[int]], slots: int) -> list[list[int]]:
+    """Row indices grouped by prompt_bucket, narrowest first. A group that cannot fill its slots twice
+    joins the next wider one (the widest joins the one before): such a group would spend most of its
+    steps draining, and a group of one or two rows would run its whole canvas at batch one or two.
+    slots=0 keeps every width group apart."""
+    by_width: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_width.setdefault(prompt_bucket(len(p)), []).append(i)
+    groups: list[list[int]] = []
+    carry: list[int] = []
+    for k in sorted(by_width):
+        carry += by_width[k]
+        if len(carry) >= 2 * slots:
+            groups.append(carry)
+            carry = []
+    if carry:
+        if groups:
+            groups[-1] += carry
+        else:
+            groups.append(carry)
+    return groups
+
+
 def generate_rows(model: DiffusionLM, prompts: Sequence[Sequence[int]], gen: Optional[GenerationConfig] = None,
                   cache: Optional[CacheConfig] = None, seed: int = 0, row_ids: Optional[Sequence] = None,
                   loops_out: Optional[list] = None, block_budgets: Optional[Sequence[int]] = None
@@ -200,17 +223,15 @@ def generate_rows(model: DiffusionLM, prompts: Sequence[Sequence[int]], gen: Opt
     block_budgets (benchmarks): per row, the blocks after which it ends as if a stop token had come.
 
     Static scheduling: one canvas as wide as the longest prompt, batches of `slots` rows in order.
-    Continuous: rows are grouped by prompt_bucket (one canvas per group, in order of width) and each
+    Continuous: rows are grouped by width_groups (one canvas per group, in order of width) and each
     group streams through its own slots."""
     gen = gen or GenerationConfig()
     cache = cache or CacheConfig()
     validate_prompts(prompts, gen, model)
     ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     if gen.scheduling == "continuous":
-        groups: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            groups.setdefault(prompt_bucket(len(p)), []).append(i)
-        order = [groups[k] for k in sorted(groups)]
+        # no slots given: every width group runs all its rows at once, so none of them drains alone
+        order = width_groups(prompts, gen.slots or 0)
     else:
         order = [list(range(len(prompts)))]
     outs: list[Optional[GenerationOutput]] = [None] * len(prompts)

@@ -40,9 +40,18 @@ def diffusion_loss(model: DiffusionLM, batch: dict, mask_id: int, eps: float,
     logits = model(x, positions=pos, attn_mask=attn, out_index=out_index)  # (B, G, V)
     ce = F.cross_entropy(logits.float().reshape(B * G, -1), ids[:, P:].reshape(-1), reduction="none").view(B, G)
     denom = eligible.sum().clamp(min=1)
-    loss = (ce * masked / t.unsqueeze(1)).sum() / denom
+    w = float(batch.get("answer_weight", 1.0))
+    answer = (torch.arange(G, device=dev).unsqueeze(0) < batch["answer_len"].unsqueeze(1)
+              if "answer_len" in batch else None)
+    if w != 1.0 and answer is not None:  # answer tokens weighted w, EOS padding 1 (data.DataConfig.answer_weight)
+        loss = (ce * masked * (1.0 + (w - 1.0) * answer) / t.unsqueeze(1)).sum() / denom
+    else:
+        loss = (ce * masked / t.unsqueeze(1)).sum() / denom
     with torch.no_grad():
         n_masked = masked.sum().clamp(min=1)
-        acc = ((logits.argmax(-1) == ids[:, P:]) & masked).sum() / n_masked
+        hit = (logits.argmax(-1) == ids[:, P:]) & masked
+        acc = hit.sum() / n_masked
         metrics = {"ce_masked": (ce * masked).sum() / n_masked, "acc_masked": acc}
+        if answer is not None:  # accuracy on masked answer tokens only (the EOS padding is easy)
+            metrics["acc_answer"] = (hit & answer).sum() / (masked & answer).sum().clamp(min=1)
     return loss, metrics

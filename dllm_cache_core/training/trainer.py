@@ -50,6 +50,11 @@ class TrainConfig:
     (0 = no limit): a time-fitted schedule split over several leases; the next run resumes it."""
     resume: bool = True
     """Continue from out/ckpt.pt.* when present."""
+    init_from: Optional[str] = None
+    """Start a new training phase from an exported model folder (config.json + model.safetensors, e.g.
+    dllm_cache_core/builtin/tiny): its weights, a fresh optimizer, step 0 with the full warm-up and a
+    cosine of its own. Its config.json must match the arch flags. Ignored when out/ holds a checkpoint
+    (a resumed run continues that checkpoint, which already started from these weights)."""
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 150
@@ -140,6 +145,32 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[LLaDAModelLM, d
     return model, cj
 
 
+ARCH_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size", "vocab_size", "embedding_size",
+             "max_sequence_length", "rope_theta", "mask_token_id", "eos_token_id")
+
+
+def load_exported(model: nn.Module, cj: dict[str, Any], folder: str) -> None:
+    """Copy an exported model folder's weights (bf16 on disk, upcast exactly) into `model`; every tensor
+    must be present with its shape, and the folder's config.json must match this run's architecture."""
+    from safetensors.torch import load_file
+
+    folder_p = Path(folder)
+    theirs = json.loads((folder_p / "config.json").read_text())
+    diff = {k: (theirs.get(k), cj.get(k)) for k in ARCH_KEYS if theirs.get(k) != cj.get(k)}
+    if diff:
+        raise ValueError(f"init_from={folder}: config.json differs from this run's architecture: {diff}")
+    state = load_file(str(folder_p / "model.safetensors"))
+    own = model.state_dict()
+    if set(state) != set(own):
+        raise ValueError(f"init_from={folder}: tensor names differ (missing {sorted(set(own) - set(state))[:3]}, "
+                         f"unexpected {sorted(set(state) - set(own))[:3]})")
+    with torch.no_grad():
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"init_from={folder}: {k} has shape {tuple(v.shape)}, model {tuple(own[k].shape)}")
+            own[k].copy_(v.to(own[k].dtype))
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run (or continue) training; returns a summary (steps, final loss, export hash, eval)."""
     from tqdm import tqdm
@@ -164,6 +195,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.steps > total or (cfg.steps == 0 and step >= total):
             phase_start, total = step, cfg.steps  # a new schedule phase (0 = calibrated below)
         print(f"resumed at step {step} (phase from {phase_start}, total {total})", flush=True)
+    elif cfg.init_from:
+        load_exported(model, cj, cfg.init_from)
+        print(f"initialised from {cfg.init_from} (fresh optimizer, new schedule from step 0)", flush=True)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     maker = BatchMaker(str(Path(cfg.tokenizer) / "tokenizer.json"), cfg.data, cfg.seed)
