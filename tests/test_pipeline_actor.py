@@ -201,10 +201,11 @@ def _streaming_engine(path):
     def factory(cfg):
         from pipeline.actor import build_engine
 
-        if path not in _ENGINES:
-            _ENGINES[path] = build_engine(cfg)
-            _ENGINES[path].block_budget = _budget
-        return _ENGINES[path]
+        key = (path, cfg.cache["policy"])
+        if key not in _ENGINES:
+            _ENGINES[key] = build_engine(cfg)
+            _ENGINES[key].block_budget = _budget
+        return _ENGINES[key]
 
     return factory
 
@@ -226,9 +227,9 @@ def _stream_batches(n=3, rows=4):
 
 
 def _stream_config(schema, path, **over):
-    return _config(schema, factory=_streaming_engine(path), model_path=path, cache={"policy": "dual"},
-                   generation={"gen_length": 32, "block_length": 8, "steps": 16, "stop_at_eos": False, "slots": 2},
-                   batch_size=2, **over)
+    return _config(schema, factory=_streaming_engine(path), model_path=path, **{
+        "cache": {"policy": "dual"}, "batch_size": 2,
+        "generation": {"gen_length": 32, "block_length": 8, "steps": 16, "stop_at_eos": False, "slots": 2}, **over})
 
 
 def _tokens(t):
@@ -332,3 +333,42 @@ def test_batches_in_flight_without_a_stream_engine_runs_batches_as_before():
     assert out.column("generation").to_pylist() == ["CCC", "A", "EEEEE", "BB", None]
     assert out.column("error_type").to_pylist() == [None] * 4 + ["oom"]
     assert actor.engine.calls[0] == ["a", "bb"] and actor.stream is None
+
+
+def test_batches_in_flight_follow_the_fallback_chain(tiny_llada):
+    """A switch of the fallback chain's entry: batches already in the stream finish under the old entry
+    and are stamped with it; the next batch gets a stream on the new entry's engine."""
+    import asyncio
+
+    from pipeline.actor import StreamingGenerationActor
+
+    batches = _stream_batches(3)
+    schema = output_schema(batches[0].schema)
+    chain = ({"policy": "dual"}, {"policy": "none"})
+    want_none = [_tokens(GenerationActor(_stream_config(schema, tiny_llada, cache={"policy": "none"}))(b))
+                 for b in batches]
+    actor = StreamingGenerationActor(_stream_config(schema, tiny_llada, progress=Progress(), fallback=chain),
+                                     batches_in_flight=3)
+    level = [0]
+    actor._active_level = lambda: level[0]
+    first = actor.stream
+    submit, submitted = first.submit, []
+
+    def flip_after_two(rows, budgets=None):  # the tracker moves on once batches 0 and 1 are in the stream
+        futures = submit(rows, budgets)
+        submitted.append(len(rows))
+        if len(submitted) == 2:
+            level[0] = 1
+        return futures
+
+    first.submit = flip_after_two
+
+    async def run():  # batch 2 queries the chain while 0 and 1 are decoding: it waits for them, then switches
+        return await asyncio.gather(*(actor(b) for b in batches))
+
+    got = asyncio.run(run())
+    actor.stream.close()
+    assert [t.column("cache_config").to_pylist() for t in got] == [["dual"] * 4, ["dual"] * 4, ["none"] * 4]
+    assert actor.stream is not first and first._closed and submitted == [4, 4]  # batch 2: the new stream
+    assert _tokens(got[2]) == want_none[2]
+    assert actor.engine.cache.policy == "none"
