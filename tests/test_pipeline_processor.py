@@ -261,15 +261,25 @@ def test_batches_in_flight_on_one_actor_equal_one_batch_at_a_time(ray_local, tmp
         opener = engine.open_stream
 
         def open_stream(**kw):
+            import threading
+
             stream = opener(**kw)
-            submit = stream.submit
+            submit, text = stream.submit, engine._text
+            second = threading.Event()
 
             def logged(rows, budgets=None):
                 with open(log, "a") as f:  # rows of other batches not yet finished
                     f.write(f"{len(stream._inbox) + len(stream._pending) + len(stream._running)}\n")
+                    f.flush()
+                if sum(1 for _ in open(log)) >= 2:
+                    second.set()
                 return submit(rows, budgets)
 
-            stream.submit = logged
+            def held_text(out):  # no row finishes before a second batch came (or 20 s passed: then it fails)
+                second.wait(20)
+                return text(out)
+
+            stream.submit, engine._text = logged, held_text
             return stream
 
         engine.open_stream = open_stream
