@@ -38,7 +38,8 @@ def _sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, engine_factory=None) -> int:
+    """engine_factory (benchmarks, tests): builds each actor's engine instead of loading the model (run())."""
     from pipeline.spec import cache_help
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=cache_help(),
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         precheck(spec)  # refusals that need no cluster come before starting one
         autoscaler = init_ray(spec.compute.local_num_cpus)
-        result = run(spec, retry_errors=args.retry_errors, autoscaler=autoscaler)
+        result = run(spec, retry_errors=args.retry_errors, autoscaler=autoscaler, engine_factory=engine_factory)
     except JobInterrupted as e:
         print(f"\njob {spec.name!r} {e}", file=sys.stderr)
         return 130

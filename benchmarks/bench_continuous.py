@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -49,7 +48,7 @@ from dllm_cache_core import CacheConfig, GenerationConfig, load_model  # noqa: E
 from dllm_cache_core.decoding.generate import generate_rows  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import write_markdown  # noqa: E402
+from common import block_budget, write_markdown  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 KEY = ("device", "model", "workload", "scheduling", "policy", "threshold", "slots")
@@ -205,7 +204,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             lo = min(1000, vocab_hi // 8)  # ordinary token ids, below every special id
             prompts = [[rng.randrange(lo, vocab_hi) for _ in range(rng.randint(a.prompt_min, a.prompt_max))]
                        for _ in range(n)]
-            budgets = [random.Random(f"budget:{i}").randint(math.ceil(nb / 8), nb) for i in range(n)]
+            budgets = [block_budget(i, nb) for i in range(n)]
         else:
             prompts = task_mix(tok, a.per_task)
         for thr in thresholds:

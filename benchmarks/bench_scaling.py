@@ -191,13 +191,16 @@ class GpuSampler:
 
 
 # ----------------------------------------------------------------------------- one configuration
-def run_job(spec_path: Path, log_path: Path, timeout_s: Optional[float]) -> tuple[int, float, float]:
-    """run_job.py in a subprocess; returns (exit code, launch time, seconds). Output goes to the log."""
+def run_job(spec_path: Path, log_path: Path, timeout_s: Optional[float],
+            runner: Optional[list[str]] = None) -> tuple[int, float, float]:
+    """run_job.py (or `runner`, a command that takes the spec path last) in a subprocess; returns (exit
+    code, launch time, seconds). Output goes to the log."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_DATA_DISABLE_PROGRESS_BARS="1")
     t0 = time.time()
+    cmd = [*(runner or [sys.executable, str(ROOT / "run_job.py")]), str(spec_path)]
     with open(log_path, "w") as log:
         try:
-            rc = subprocess.run([sys.executable, str(ROOT / "run_job.py"), str(spec_path)], cwd=ROOT, env=env,
+            rc = subprocess.run(cmd, cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
         except subprocess.TimeoutExpired:
             rc = 124
@@ -250,17 +253,25 @@ def actor_balance(actors: list[dict], ready: float, end: float) -> list[dict[str
     return out
 
 
-def measure(a: argparse.Namespace, n: int, ckpt: Path, data: Path, ids_in: pa.Array, work: Path) -> tuple[dict, pa.Table]:
-    """One configuration: spec, subprocess, report and output -> one record."""
-    out = work / f"out_{n}"
-    spec_path = work / f"scaling_{n}.yaml"
-    spec_path.write_text(yaml.safe_dump(job_spec(a, n, ckpt, data, out), sort_keys=False))
+def measure(a: argparse.Namespace, n: int, ckpt: Path, data: Path, ids_in: pa.Array, work: Path,
+            tag: Optional[str] = None, edit: Optional[Any] = None,
+            runner: Optional[list[str]] = None) -> tuple[dict, pa.Table]:
+    """One configuration: spec, subprocess, report and output -> one record. tag names its files (default
+    n); edit(spec) may change the job spec first; runner replaces run_job.py (see run_job)."""
+    tag = tag or str(n)
+    out = work / f"out_{tag}"
+    spec_path = work / f"scaling_{tag}.yaml"
+    spec = job_spec(a, n, ckpt, data, out)
+    if edit is not None:
+        edit(spec)
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    log_path = work / f"run_{tag}.log"
     with GpuSampler() as gpu:
-        rc, launched, process_s = run_job(spec_path, work / f"run_{n}.log", a.timeout_s)
+        rc, launched, process_s = run_job(spec_path, log_path, a.timeout_s, runner)
     rec: dict[str, Any] = {"gpus": n, "device": "cpu" if a.cpu else "cuda", "exit_code": rc,
-                           "process_s": round(process_s, 2), "log": str(work / f"run_{n}.log")}
+                           "process_s": round(process_s, 2), "log": str(log_path)}
     if rc != 0:
-        rec["log_tail"] = (work / f"run_{n}.log").read_text()[-3000:]
+        rec["log_tail"] = log_path.read_text()[-3000:]
         return rec, None
     run = json.loads((out / "_report" / "report.json").read_text())["run"]
     table = read_output(out)

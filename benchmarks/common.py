@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -137,3 +139,10 @@ def write_markdown(path: str | os.PathLike, text: str) -> None:
     old = p.read_text() if p.exists() else ""
     notes = old[old.index("\n## Notes") + 1:] if "\n## Notes" in old else ""
     p.write_text(text.rstrip("\n") + "\n\n" + notes if notes else text)
+
+
+def block_budget(key: Any, num_blocks: int) -> int:
+    """A row's block budget for random-weight models, which never stop on their own (Row.max_blocks):
+    uniform in {ceil(num_blocks / 8), ..., num_blocks}, seeded by the row's key (its index or id), so
+    output lengths spread from about gen_length / 8 to gen_length."""
+    return random.Random(f"budget:{key}").randint(math.ceil(num_blocks / 8), num_blocks)

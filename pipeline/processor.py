@@ -28,11 +28,11 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from dllm_cache_core.overrides import normalize_short_forms
 
-from .actor import ActorConfig, GenerationActor
+from .actor import ActorConfig, GenerationActor, StreamingGenerationActor
 from .prompts import input_hash
 from .schema import INTERNAL_PREFIX
 from .spec import (AUTO, CacheSpec, ComputeSpec, GenerationSpec, InputSpec, JobSpec, ModelSpec, SpecError, _problems,
-                   _Section, check_remasking, resolved_dtype)
+                   _Section, check_in_flight, check_remasking, resolved_dtype)
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -89,6 +89,7 @@ class ProcessorConfig(_Section):
     @model_validator(mode="after")
     def _cross(self) -> "ProcessorConfig":
         check_remasking(self.model, self.generation)
+        check_in_flight(self.generation, self.compute)
         if self.cache.policy == AUTO:
             raise ValueError(f"cache.policy={AUTO!r} calibrates over a job's input, which a stage does not "
                              "own; allowed: a cache policy (run_job.py for auto)")
@@ -151,21 +152,33 @@ def generation_stage(ds: "Dataset", actor: ActorConfig, compute: ComputeSpec, ac
                      batch_size: Optional[int] = None) -> "Dataset":
     """`ds` through a pool of `compute.num_actors` GenerationActors (lazy). The one place the pool is set
     up, for build_processor, the job runner and the calibration of `cache.policy: auto` (which passes
-    its own actor class, a smaller pool and engine-call-sized batches)."""
+    its own actor class, a smaller pool and engine-call-sized batches).
+
+    With compute.batches_in_flight > 1 (the default under continuous scheduling) a GenerationActor pool
+    becomes a StreamingGenerationActor pool: an async __call__ and the actors' max_concurrency set to
+    the batches in flight, so Ray Data hands each actor that many batches at once (ray.data.llm's
+    max_concurrent_batches). Another actor class (the calibration's) keeps one batch at a time."""
     from ray.data import ActorPoolStrategy
 
     c = compute
+    flight = c.in_flight(actor.generation.get("scheduling", "continuous")) if actor_cls is GenerationActor else 1
+    kwargs = {"config": actor, **(extra_kwargs or {})}
+    if flight > 1:
+        actor_cls, kwargs = StreamingGenerationActor, {**kwargs, "batches_in_flight": flight}
     with warnings.catch_warnings():
         # max_restarts/max_task_retries have no named map_batches parameter yet; Ray 2.60 (our pin) warns
         # that **ray_remote_args goes away in 2.64. Revisit when the pin moves.
         warnings.simplefilter("ignore", DeprecationWarning)
         return ds.map_batches(
-            actor_cls, fn_constructor_kwargs={"config": actor, **(extra_kwargs or {})},
+            actor_cls, fn_constructor_kwargs=kwargs,
             batch_size=batch_size or c.batch_size * c.length_grouping, batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=num_actors or c.num_actors), num_cpus=c.cpus_per_actor,
-            num_gpus=c.gpus_per_actor or None, udf_modifying_row_count=actor_cls is not GenerationActor,
+            # max_concurrent_calls_per_actor: the actor's Ray max_concurrency (several batches' tasks at once)
+            compute=ActorPoolStrategy(size=num_actors or c.num_actors,
+                                      max_concurrent_calls_per_actor=flight if flight > 1 else None),
+            num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor or None,
+            udf_modifying_row_count=actor_cls not in (GenerationActor, StreamingGenerationActor),
             # finite restarts: a crash that repeats fails the Dataset instead of looping (Ray Data's default
-            # is -1); the batch in flight on a dead actor is retried on its replacement
+            # is -1); the batches in flight on a dead actor (every one of them) are retried on its replacement
             max_restarts=c.max_actor_restarts, max_task_retries=-1 if c.max_actor_restarts else 0)
 
 

@@ -249,6 +249,13 @@ class ComputeSpec(_Section):
     length_grouping: int = Field(default=4, ge=1)
     """Each actor receives batch_size x length_grouping rows, sorts them by prompt length and runs them
     as engine calls of batch_size, so rows of one call have similar lengths (less padding)."""
+    batches_in_flight: Optional[int] = Field(default=None, ge=1)
+    """Batches (of batch_size x length_grouping rows) each actor works on at once, all feeding one engine
+    stream: the next batch's rows take the slots the previous batch's rows free, so the engine does not
+    drain at every batch's end. The engine still decodes generation.slots (else batch_size) rows at a
+    time, on one thread, in one decode loop whose canvas is as wide as the widest prompt seen (shorter
+    prompts ride it; the same tokens). null = 2 under generation.scheduling continuous, 1 under static;
+    more than 1 needs continuous scheduling. 1 = one batch at a time, in engine calls of batch_size rows."""
     max_actor_restarts: int = Field(default=3, ge=0)
     """How often Ray recreates a dead actor (finite, so a deterministic crash fails the job)."""
     local_num_cpus: Optional[int] = Field(default=None, ge=1)
@@ -259,6 +266,12 @@ class ComputeSpec(_Section):
     @property
     def device(self) -> str:
         return "cuda" if self.gpus_per_actor > 0 else "cpu"
+
+    def in_flight(self, scheduling: str) -> int:
+        """batches_in_flight with null resolved for `scheduling` (generation.scheduling)."""
+        if self.batches_in_flight is not None:
+            return self.batches_in_flight
+        return 2 if scheduling == "continuous" else 1
 
 
 class AuditSpec(_Section):
@@ -316,6 +329,7 @@ class JobSpec(_Section):
     @model_validator(mode="after")
     def _cross(self) -> "JobSpec":
         check_remasking(self.model, self.generation)
+        check_in_flight(self.generation, self.compute)
         if "calibration" in self.model_fields_set and self.cache.policy != "auto":
             raise ValueError(f"calibration.* is only used with cache.policy: auto, not {self.cache.policy!r}; "
                              "allowed: remove the calibration section, or cache.policy: auto")
@@ -348,6 +362,15 @@ def check_remasking(model: ModelSpec, generation: GenerationSpec) -> None:
         if rem not in allowed:
             raise ValueError(f"generation.remasking={rem!r} is not allowed for model.family={fam!r}; "
                              f"allowed: {', '.join(allowed)}")
+
+
+def check_in_flight(generation: GenerationSpec, compute: ComputeSpec) -> None:
+    """ValueError when several batches in flight meet static scheduling (which admits rows only into an
+    empty batch: batches could not share slots)."""
+    n = compute.batches_in_flight
+    if n is not None and n > 1 and generation.scheduling != "continuous":
+        raise ValueError(f"compute.batches_in_flight={n} needs generation.scheduling: continuous, not "
+                         f"{generation.scheduling!r}; allowed: 1 or null with static scheduling")
 
 
 def resolved_dtype(model: ModelSpec, compute: ComputeSpec) -> str:

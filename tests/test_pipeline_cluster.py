@@ -104,12 +104,13 @@ def test_driver_killed_mid_job_then_rerun_completes_exactly_once(ray_head, tiny,
 
 
 def _generation_actor_pids(head) -> list[int]:
-    """Processes of this test cluster (its session) titled as a GenerationActor worker."""
+    """Processes of this test cluster (its session) titled as a GenerationActor worker (StreamingGenerationActor
+    with batches in flight, the default)."""
     ps = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True, check=True).stdout
     found = []
     for line in ps.splitlines():
         pid, sid, args = line.split(None, 2)
-        if int(sid) == head.pid and args.startswith("ray::MapWorker(MapBatches(GenerationActor))"):
+        if int(sid) == head.pid and re.match(r"ray::MapWorker\(MapBatches\((Streaming)?GenerationActor\)\)", args):
             found.append(int(pid))
     return found
 

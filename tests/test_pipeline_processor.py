@@ -72,6 +72,9 @@ def test_config_errors_name_processor_fields():
     with pytest.raises(ProcessorConfigError, match=r"generation.remasking='entropy' is not allowed for "
                                                    r"model.family='llada'"):
         ProcessorConfig(model={"family": "llada"}, generation={"remasking": "entropy"})
+    with pytest.raises(ProcessorConfigError, match=r"compute.batches_in_flight=2 needs generation.scheduling: "
+                                                   r"continuous, not 'static'"):
+        ProcessorConfig(generation={"scheduling": "static"}, compute={"batches_in_flight": 2})
 
 
 def test_config_forms_and_defaults():
@@ -241,3 +244,62 @@ def test_job_and_processor_give_the_same_rows(ray_local, tmp_path, mixed_rows):
 
     assert {r["id"]: key(r) for r in got} == {r["id"]: key(r) for r in job}
     assert len(job) == 4 and sum(r["error_type"] == "empty_prompt" for r in job) == 1
+
+
+def test_batches_in_flight_on_one_actor_equal_one_batch_at_a_time(ray_local, tmp_path):
+    """Three batches in flight on one actor (a StreamingGenerationActor: one engine stream) give every
+    row the tokens of the one-batch-at-a-time pool, each row once, in each batch's order; a log kept by
+    the engine shows batches submitting while another batch's rows were still in the stream."""
+    ray = ray_local
+    log = tmp_path / "submits.log"
+
+    def factory(cfg):  # a closure: pickled by value into the actors
+        from pipeline.actor import build_engine
+
+        engine = build_engine(cfg)
+        engine.block_budget = lambda rid: 1 + int(rid) % 4  # rows of 1..4 blocks: random weights never stop
+        opener = engine.open_stream
+
+        def open_stream(**kw):
+            import threading
+
+            stream = opener(**kw)
+            submit, text = stream.submit, engine._text
+            second = threading.Event()
+
+            def logged(rows, budgets=None):
+                with open(log, "a") as f:  # rows of other batches not yet finished
+                    f.write(f"{len(stream._inbox) + len(stream._pending) + len(stream._running)}\n")
+                    f.flush()
+                if sum(1 for _ in open(log)) >= 2:
+                    second.set()
+                return submit(rows, budgets)
+
+            def held_text(out):  # no row finishes before a second batch came (or 20 s passed: then it fails)
+                second.wait(20)
+                return text(out)
+
+            stream.submit, engine._text = logged, held_text
+            return stream
+
+        engine.open_stream = open_stream
+        return engine
+
+    rows = [{"k": i, "prompt": p} for i, p in enumerate(
+        ["hello there", "the quick brown fox", "1+2=", "why", "abcdefghijk", "Math: ", "zz top", "a longer prompt",
+         "x", "sum of 3 and 4", "tell me", "ok then"])]
+    out = {}
+    for flight in (1, 3):
+        cfg = ProcessorConfig(generation={"gen_length": 32, "block_length": 8, "steps": 16, "stop_at_eos": False,
+                                          "slots": 2},
+                              cache="dual", id_column="k",
+                              compute={"batch_size": 2, "length_grouping": 2, "batches_in_flight": flight})
+        ds = build_processor(cfg, engine_factory=factory)(ray.data.from_items(rows, override_num_blocks=3))
+        out[flight] = ds.take_all()
+    assert sorted(r["k"] for r in out[3]) == list(range(12))  # rows in = rows out, none twice
+    tokens = {f: {r["k"]: (list(r["generation_token_ids"]), r["num_generated_tokens"], r["error_type"]) for r in out[f]}
+              for f in out}
+    assert tokens[3] == tokens[1]
+    assert {n for _, n, _ in tokens[1].values()} == {8, 16, 24, 32}
+    seen = [int(x) for x in log.read_text().split()]
+    assert len(seen) == 3 and max(seen) > 0, seen  # a batch joined while another's rows were decoding

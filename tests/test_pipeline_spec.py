@@ -103,6 +103,23 @@ def test_scheduling_option_reaches_the_engine_but_not_the_fingerprint():
         load_spec(data=copy.deepcopy(BASE), overrides=["generation.scheduling=eager"])
 
 
+def test_batches_in_flight_defaults_by_scheduling_and_is_validated():
+    from pipeline.manifest import fingerprint_components
+
+    cont = load_spec(data=copy.deepcopy(BASE))
+    stat = load_spec(data=copy.deepcopy(BASE), overrides=["generation.scheduling=static"])
+    assert cont.compute.batches_in_flight is None and cont.compute.in_flight("continuous") == 2
+    assert stat.compute.in_flight(stat.generation.scheduling) == 1
+    three = load_spec(data=copy.deepcopy(BASE), overrides=["compute.batches_in_flight=3"])
+    assert three.compute.in_flight("continuous") == 3
+    assert fingerprint_components(three, "m") == fingerprint_components(cont, "m")  # same rows either way
+    load_spec(data=copy.deepcopy(BASE), overrides=["generation.scheduling=static", "compute.batches_in_flight=1"])
+    with pytest.raises(SpecError, match=r"compute.batches_in_flight=2 needs generation.scheduling: continuous"):
+        load_spec(data=copy.deepcopy(BASE), overrides=["generation.scheduling=static", "compute.batches_in_flight=2"])
+    with pytest.raises(SpecError, match=r"compute.batches_in_flight: 0 is not allowed; allowed: >= 1"):
+        load_spec(data=copy.deepcopy(BASE), overrides=["compute.batches_in_flight=0"])
+
+
 def test_yaml_short_form_and_override_order(tmp_path):
     p = tmp_path / "job.yaml"
     p.write_text(yaml.safe_dump(dict(BASE, cache="dual")))

@@ -106,36 +106,73 @@ class DecodeLoop:
         """rows: (index, row_id, prompt ids[, block budget]), pulled only as slots free up; yields
         (index, row_id, output) in the order rows finish."""
         src = iter(rows)
-        sched, run = self.scheduler, self.runner
-        sched.reset()  # a kept loop whose previous run was abandoned midway starts clean
-        self.utilisation = Utilisation(self.slots)
+        sched = self.scheduler
+        self.begin()
         exhausted = False
         try:
             while True:
                 # read rows only as slots free up (+1 queued, so that "rows still waiting" is visible)
-                ahead = 1 if sched.mode == "continuous" else 0
-                while not exhausted and len(sched.queue) < sched.free_slots() + ahead:
+                while not exhausted and self.wants_rows():
                     nxt = next(src, None)
                     if nxt is None:
                         exhausted = True
                         break
-                    i, rid, p = nxt[:3]
-                    validate_prompt(p, self.gen, self.model, f"row {rid!r}")
-                    sched.add(Row(index=i, row_id=rid, prompt=list(p), max_blocks=nxt[3] if len(nxt) > 3 else None))
+                    self.add(*nxt)
                 if sched.idle:
                     break
-                run.admit(sched.admit())
-                plan = sched.plan()
-                for r, (done, stop) in zip(plan.decode, run.step(plan)):
-                    sched.complete(r, done, stop)
-                self.utilisation.add(len(plan.decode), plan.queued > 0 or not exhausted)
-                for r in sched.release():
-                    yield r.index, r.row_id, run.output(r)
+                yield from self.step(more=not exhausted)
         finally:
-            self.utilisation.forwards = run.forwards
-            run.forwards = 0
-            if not self.keep:
-                run.release()
+            self.end()
+
+    # -- the steps of run(), for a caller that feeds rows itself (dllm_cache_core.stream.EngineStream) --
+    def begin(self) -> None:
+        """Start a run: empty slots and queue (a kept loop whose previous run was abandoned starts clean)."""
+        self.scheduler.reset()
+        self.utilisation = Utilisation(self.slots)
+
+    def wants_rows(self) -> bool:
+        """Whether run() would read another row now: a free slot for each queued row, plus one row queued
+        ahead under continuous scheduling (so that "rows still waiting" is visible)."""
+        sched = self.scheduler
+        ahead = 1 if sched.mode == "continuous" else 0
+        return len(sched.queue) < sched.free_slots() + ahead
+
+    def add(self, index: int, row_id: Any, prompt: Sequence[int], max_blocks: Optional[int] = None) -> None:
+        """Queue one row (it takes a slot at the next step that has one free)."""
+        validate_prompt(prompt, self.gen, self.model, f"row {row_id!r}")
+        self.scheduler.add(Row(index=index, row_id=row_id, prompt=list(prompt), max_blocks=max_blocks))
+
+    @property
+    def rows(self) -> int:
+        """Rows in slots or queued."""
+        return len(self.scheduler.queue) + sum(r is not None for r in self.scheduler.slots)
+
+    def step(self, more: bool = False) -> list[tuple[int, Any, GenerationOutput]]:
+        """One engine step: queued rows take free slots, every slotted row advances, finished rows leave;
+        returns their (index, row_id, output). more: rows are still to come (the utilisation's split)."""
+        sched, run = self.scheduler, self.runner
+        if sched.idle:
+            return []
+        run.admit(sched.admit())
+        plan = sched.plan()
+        for r, (done, stop) in zip(plan.decode, run.step(plan)):
+            sched.complete(r, done, stop)
+        self.utilisation.add(len(plan.decode), plan.queued > 0 or more)
+        return [(r.index, r.row_id, run.output(r)) for r in sched.release()]
+
+    def abort(self) -> tuple[list[Row], list[Row]]:
+        """Drop every row (after a failed step): (rows that were in slots, rows still queued)."""
+        slotted = [r for r in self.scheduler.slots if r is not None]
+        queued = list(self.scheduler.queue)
+        self.scheduler.reset()
+        return slotted, queued
+
+    def end(self) -> None:
+        """End a run: the forward count goes to the utilisation; a loop not kept frees its runner."""
+        self.utilisation.forwards = self.runner.forwards
+        self.runner.forwards = 0
+        if not self.keep:
+            self.runner.release()
 
     def close(self) -> None:
         self.runner.release()
