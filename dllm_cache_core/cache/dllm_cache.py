@@ -42,14 +42,21 @@ POLICY = PolicyDecl(
 )
 
 
-def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t (B, L, ...) gathered at idx (B, n) along dim 1."""
-    shape = idx.shape + t.shape[2:]
-    return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(shape))
+def _flat(B: int, L: int, idx: torch.Tensor) -> torch.Tensor:
+    """(B * n,) row indices into a (B * L, ...) view for positions idx (B, n)."""
+    return (idx + torch.arange(B, device=idx.device).unsqueeze(1) * L).reshape(-1)
 
 
-def _put(t: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
-    t.scatter_(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(src.shape), src)
+def _rows(t: torch.Tensor, flat: torch.Tensor, n: int) -> torch.Tensor:
+    """t (B, L, ...) at the positions of `flat` (see _flat): (B, n, ...). One index_select of whole
+    feature rows (a gather with an index per element moved 5x the bytes)."""
+    B, L = t.shape[:2]
+    return t.reshape(B * L, *t.shape[2:]).index_select(0, flat).view(B, n, *t.shape[2:])
+
+
+def _put(t: torch.Tensor, flat: torch.Tensor, src: torch.Tensor) -> None:
+    B, L = t.shape[:2]
+    t.view(B * L, *t.shape[2:]).index_copy_(0, flat, src.reshape(-1, *t.shape[2:]))
 
 
 class DLLMCache(CachePolicy):
@@ -71,10 +78,11 @@ class DLLMCache(CachePolicy):
         # V projection of every response token, plus the cosine similarity
         self.select_overhead = 2.0 * d * kvd * self.G + 6.0 * kvd * self.G
 
-    def _layer(self, st: "_State", i, layer, h, cos, sin, q_idx: Optional[torch.Tensor],
-               v_gen: Optional[torch.Tensor]):
-        """Recompute attention + MLP rows at q_idx (None = every position) against the stored K/V;
-        every other row's sublayer outputs come from the cache. v_gen replaces the response V first."""
+    def _layer(self, st: "_State", i, layer, h, cos, sin, q_idx, v_gen: Optional[torch.Tensor], live: int = 0):
+        """Recompute attention + MLP rows at q_idx (None = every position; an int S = the range [S, L);
+        else (B, n) positions) against the stored K/V; every other row's sublayer outputs come from the
+        cache. v_gen replaces the response V first. Only positions >= live are kept up to date in the
+        residual stream (the rest are never read again in this forward); the update is in place."""
         m = self.model
         K, V, A, M = st.kv[i][0], st.kv[i][1], st.attn[i], st.mlp[i]
         if v_gen is not None:
@@ -89,17 +97,34 @@ class DLLMCache(CachePolicy):
             A.copy_(out.attn)
             M.copy_(out.mlp)
             return out.h
-        if q_idx.shape[1] == 0:
-            h = h + A
-            return h + M
-        cq, sq = _rows(cos, q_idx), _rows(sin, q_idx)
-        q, k, v = layer.qkv(layer.attn_in(_rows(h, q_idx)))
-        _put(K, q_idx, m.apply_rope(k, cq, sq))
-        _put(V, q_idx, v)
-        _put(A, q_idx, layer.attn_proj(m.attend(m.apply_rope(q, cq, sq), K, V, st.mask)))
-        h = h + A
-        _put(M, q_idx, layer.ffn(_rows(h, q_idx)))
-        return h + M
+        hl = h[:, live:]
+        if isinstance(q_idx, int):
+            S = q_idx
+            q, k, v = layer.qkv(layer.attn_in(h[:, S:]))
+            cq, sq = cos[:, S:], sin[:, S:]
+            K[:, S:].copy_(m.apply_rope(k, cq, sq))
+            V[:, S:].copy_(v)
+            A[:, S:].copy_(layer.attn_proj(m.attend(m.apply_rope(q, cq, sq), K, V, st.mask)))
+            hl.add_(A[:, live:])
+            M[:, S:].copy_(layer.ffn(h[:, S:]))
+            hl.add_(M[:, live:])
+            return h
+        B, L = h.shape[:2]
+        n = q_idx.shape[1]
+        if n == 0:
+            hl.add_(A[:, live:])
+            hl.add_(M[:, live:])
+            return h
+        flat = _flat(B, L, q_idx)
+        cq, sq = _rows(cos, flat, n), _rows(sin, flat, n)
+        q, k, v = layer.qkv(layer.attn_in(_rows(h, flat, n)))
+        _put(K, flat, m.apply_rope(k, cq, sq))
+        _put(V, flat, v)
+        _put(A, flat, layer.attn_proj(m.attend(m.apply_rope(q, cq, sq), K, V, st.mask)))
+        hl.add_(A[:, live:])
+        _put(M, flat, layer.ffn(_rows(h, flat, n)))
+        hl.add_(M[:, live:])
+        return h
 
     def _select(self, st: "_State", i, layer, h) -> tuple[torch.Tensor, torch.Tensor]:
         """(new response V, absolute indices of the n least-similar response tokens per row)."""
@@ -171,17 +196,20 @@ class DLLMCache(CachePolicy):
         B, L = ids.shape
         prompt_idx = torch.arange(self.P, device=ids.device).expand(B, -1)
 
+        # without a prompt refresh only the response (and, with the logit shift, the query before it)
+        # is read after layer 0: the residual stream is updated from there on
+        live = 0 if prompt_all else self.P - self.ctx.shift
+
         def layer_fn(i, layer, h, cos, sin):
             rp, rg = prompt_all or i == 0, gen_all or i == 0
             if rp and rg:
                 return self._layer(st, i, layer, h, cos, sin, None, None)
             if rg:  # response refreshed, prompt from cache
-                gen_idx = torch.arange(self.P, L, device=h.device).expand(B, -1)
-                return self._layer(st, i, layer, h, cos, sin, gen_idx, None)
+                return self._layer(st, i, layer, h, cos, sin, self.P, None, live)
             v_gen, sel = self._select(st, i, layer, h) if adaptive else (None, None)
             parts = ([prompt_idx] if rp else []) + ([sel] if adaptive else [])
             q_idx = torch.cat(parts, 1) if parts else prompt_idx[:, :0]
-            return self._layer(st, i, layer, h, cos, sin, q_idx, v_gen)
+            return self._layer(st, i, layer, h, cos, sin, q_idx, v_gen, live)
 
         return self.model(ids, st.positions, st.mask, layer_fn=layer_fn, out_index=out_index)
 
