@@ -52,6 +52,17 @@ class DecodeContext:
         return 1 if self.model.config.profile.logit_shift else 0
 
 
+def device_tensor(values, dtype: Optional[torch.dtype] = None, device=None) -> torch.Tensor:
+    """A small host list as a tensor on `device`, without a host sync: torch.tensor(..., device=cuda)
+    copies from pageable memory and then waits for everything queued on the stream, so a step that
+    builds an index after launching its forward would idle the GPU until the forward finished. From
+    pinned memory the copy is asynchronous (the caching host allocator keeps the buffer until it is done)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device is None or torch.device(device).type != "cuda":
+        return t if device is None else t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class StepInfo:
     """One forward's rows and where each of them is: rows need not share a block or a step (continuous
@@ -85,14 +96,14 @@ class StepInfo:
     @classmethod
     def of(cls, rows: list[int], starts: list[int], steps: list[int], charge: list[bool], block_length: int,
            batch: int, device) -> "StepInfo":
-        return cls(torch.tensor(rows, dtype=torch.long, device=device), list(rows),
-                   torch.tensor(starts, dtype=torch.long, device=device), list(starts), list(steps),
-                   torch.tensor(charge, dtype=torch.bool, device=device), list(charge), block_length, batch)
+        return cls(device_tensor(rows, torch.long, device), list(rows),
+                   device_tensor(starts, torch.long, device), list(starts), list(steps),
+                   device_tensor(charge, torch.bool, device), list(charge), block_length, batch)
 
     def subset(self, keep: list[bool]) -> "StepInfo":
         """The rows where keep is True (same order)."""
         pick = [i for i, k in enumerate(keep) if k]
-        idx = torch.tensor(pick, dtype=torch.long, device=self.rows.device)
+        idx = device_tensor(pick, torch.long, self.rows.device)
         return StepInfo(self.rows[idx], [self.row_list[i] for i in pick], self.starts[idx],
                         [self.start_list[i] for i in pick], [self.steps[i] for i in pick], self.charge[idx],
                         [self.charge_list[i] for i in pick], self.block_length, self.batch)

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import CachePolicy, StepInfo
+from .base import CachePolicy, StepInfo, device_tensor
 from .params import Param, PolicyDecl
 
 POLICY = PolicyDecl(
@@ -155,7 +155,7 @@ class DLLMCache(CachePolicy):
             keep = [False] * step.n
             for j in js:
                 keep[j] = True
-            out[torch.tensor(js, device=x.device)] = self._run(x, step.subset(keep), flags)
+            out[device_tensor(js, torch.long, x.device)] = self._run(x, step.subset(keep), flags)
         return out
 
     def _run(self, x, step: StepInfo, flags: tuple[bool, bool]):

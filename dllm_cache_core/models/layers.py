@@ -8,12 +8,14 @@ Shapes: B batch, n query positions, L key positions, H query heads, G kv heads, 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from . import probs_kernel
 from .fused import fused
 
 
@@ -83,9 +85,15 @@ def attention_probs_mean(q: torch.Tensor, k: torch.Tensor, head_dim: int,
     Half-precision inputs on a GPU: the scores come from one tensor-core bmm with fp32 output (the
     products of bf16/fp16 values are exact in fp32, as after an upcast; only the summation order
     differs) and GQA groups share their keys without repeating them; the scale, mask, softmax and
-    head mean are one compiled chain. Elsewhere the plain fp32 path."""
+    head mean are one compiled chain; with Triton one kernel does it all (models/probs_kernel.py;
+    DLLM_PROBS_KERNEL=0 turns it off). Elsewhere the plain fp32 path."""
     B, n, _ = q.shape
     L = k.shape[1]
+    if (mask is None or mask.shape[-2] == 1) and probs_kernel.available(q, head_dim) \
+            and os.environ.get("DLLM_PROBS_KERNEL", "1") != "0":
+        out = probs_kernel.probs_mean(q, k, head_dim, mask)
+        if out is not None:
+            return out
     scores = _scores_half(q, k, head_dim) if (q.is_cuda and q.dtype in _HALF and not _half_broken) else None
     if scores is None:
         qh = q.view(B, n, -1, head_dim).transpose(1, 2).float()
