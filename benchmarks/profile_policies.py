@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_engine as BE  # noqa: E402
+from common import env_vars  # noqa: E402
 
 ATTENTION = ("flash", "fmha", "attention", "sdpa", "scaled_dot_product", "cudnn")
 MATMUL = ("gemm", "cutlass", "nvjet", "xmma", "cublas", "splitk", "s16816", "s1688", "wgmma", "aten::mm",
@@ -139,45 +140,72 @@ def bench_args(a) -> argparse.Namespace:
     ] + (["--trace"] if a.trace else []))
 
 
+def variants(a) -> list[tuple[str, str, dict[str, str]]]:
+    """(label, policy, environment) per profiled variant: the policies, then --env-variants
+    ('policy:VAR=value[,VAR=value]', e.g. d2cache:DLLM_PROBS_KERNEL=1)."""
+    out = [(p, p, {}) for p in a.policies]
+    for v in a.env_variants:
+        pol, _, env = v.partition(":")
+        kv = dict(e.split("=", 1) for e in env.split(",") if "=" in e)
+        out.append((f"{pol}[{env}]", pol, kv))
+    return out
+
+
 def run(a) -> list[dict[str, Any]]:
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bench = BE.Bench(bench_args(a))
     results = []
+    if BE.CUDA:
+        from dllm_cache_core.models import probs_kernel
+        check = probs_kernel.self_check()
+        print("probs kernel self-check:", json.dumps(check), flush=True)
+        (out / "probs_kernel_check.json").write_text(json.dumps(check, indent=1))
     for batch in a.batches:
-        for policy in a.policies:
-            r: dict[str, Any] = dict(policy=policy, batch=batch)
-            if not a.no_measure:
-                rec = bench.measure(policy, batch, None, a.prompt_len, a.gen_len) or {}
-                r.update({k: rec.get(k) for k in ("tokens_per_s", "timing", "roofline_ratio", "flops_speedup",
-                                                  "ms_per_call", "error")})
-            if bench.left() < bench.a.min_left_s:
-                print(f"skip profile {policy} b{batch} (deadline)", flush=True)
-                results.append(r)
-                continue
-            try:
-                with tolist_marked():
-                    prof, steps_ms = bench.capture_profile(policy, batch, a.prompt_len, a.gen_len, first=a.first,
-                                                           n=a.steps, warm=a.warm)
-                s = summarize(prof, a.steps)
-                title = (f"{policy} batch {batch}, model calls {a.first}..{a.first + a.steps - 1} (call + sampler + "
-                         f"end_step), prompt {a.prompt_len} + gen {a.gen_len}, block {a.block}, shape "
-                         f"{a.shape_name}, {'cuda' if BE.CUDA else 'cpu'}")
-                (out / f"profile_{a.shape_name}_{policy}_b{batch}.txt").write_text(
-                    profile_text(title, s, steps_ms, a.steps, a.top))
-                if a.trace:
-                    prof.export_chrome_trace(str(out / f"trace_{a.shape_name}_{policy}_b{batch}.json"))
-                r.update(ms_per_step=steps_ms / a.steps, syncs_per_step=s["syncs_per_step"],
-                         ops_per_step=s["ops_per_step"], kernels_per_step=s["kernels_per_step"],
-                         **{f"{g}_ms": v for g, v in s["ms_by_group"].items()})
-            except Exception as e:  # noqa: BLE001
-                import traceback
-                traceback.print_exc()
-                r["profile_error"] = f"{type(e).__name__}: {e}"[:300]
-            print(json.dumps(r), flush=True)
-            results.append(r)
+        for label, policy, env in variants(a):
+            with env_vars(**env):
+                results.append(profile_one(a, bench, out, label, policy, batch))
     write_summary(out, results, a)
     return results
+
+
+def profile_one(a, bench, out: Path, label: str, policy: str, batch: int) -> dict[str, Any]:
+    """tok/s (bench_engine's measure) and the profile table of one (variant, batch)."""
+    r: dict[str, Any] = dict(policy=label, batch=batch)
+    if not a.no_measure:
+        rec = bench.measure(policy, batch, None, a.prompt_len, a.gen_len, tag=label) or {}
+        r.update({k: rec.get(k) for k in ("tokens_per_s", "timing", "roofline_ratio", "flops_speedup",
+                                          "ms_per_call", "error")})
+    if bench.left() < bench.a.min_left_s:
+        print(f"skip profile {policy} b{batch} (deadline)", flush=True)
+        return r
+    try:
+        with tolist_marked():
+            prof, steps_ms = bench.capture_profile(policy, batch, a.prompt_len, a.gen_len, first=a.first,
+                                                   n=a.steps, warm=a.warm)
+        s = summarize(prof, a.steps)
+        title = (f"{label} batch {batch}, model calls {a.first}..{a.first + a.steps - 1} (call + sampler + "
+                 f"end_step), prompt {a.prompt_len} + gen {a.gen_len}, block {a.block}, shape "
+                 f"{a.shape_name}, {'cuda' if BE.CUDA else 'cpu'}")
+        (out / f"profile_{a.shape_name}_{fname(label)}_b{batch}.txt").write_text(
+            profile_text(title, s, steps_ms, a.steps, a.top))
+        if a.trace:
+            prof.export_chrome_trace(str(out / f"trace_{a.shape_name}_{fname(label)}_b{batch}.json"))
+        r.update(ms_per_step=steps_ms / a.steps, syncs_per_step=s["syncs_per_step"],
+                 ops_per_step=s["ops_per_step"], kernels_per_step=s["kernels_per_step"],
+                 **{f"{g}_ms": v for g, v in s["ms_by_group"].items()})
+    except Exception as e:  # noqa: BLE001
+        import traceback
+        traceback.print_exc()
+        r["profile_error"] = f"{type(e).__name__}: {e}"[:300]
+    print(json.dumps(r), flush=True)
+    return r
+
+
+
+
+def fname(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label).strip("_")
 
 
 def _f(v: Optional[float], fmt: str = "{:.2f}") -> str:
@@ -225,9 +253,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--deadline-s", type=float, default=1e9)
     ap.add_argument("--no-measure", action="store_true", help="profiles only, no tok/s")
     ap.add_argument("--trace", action="store_true", help="also export chrome traces")
+    ap.add_argument("--env-variants", default="d2cache:DLLM_PROBS_KERNEL=1",
+                    help="extra rows: 'policy:VAR=value[,VAR=value]' separated by ';' (empty: none)")
     a = ap.parse_args(argv)
     a.policies = [p for p in a.policies.split(",") if p]
     a.batches = [int(x) for x in a.batches.split(",") if x]
+    a.env_variants = [v for v in a.env_variants.split(";") if v.strip()]
     return a
 
 

@@ -17,14 +17,14 @@ def test_profile_policies_smoke(tmp_path):
 
     out = tmp_path / "prof"
     PP.main(["--ckpt", str(ckpt("llada")), "--shape-name", "llada-tiny", "--out-dir", str(out),
-                   "--dtype", "float32", "--policies", "none,d2cache", "--batches", "2", "--prompt-len", "8",
-                   "--gen-len", "32", "--block", "16", "--first", "1", "--steps", "2", "--warm", "1",
-                   "--window-s", "0.05", "--full-max-s", "0"])
+             "--dtype", "float32", "--policies", "none,d2cache", "--batches", "2", "--prompt-len", "8",
+             "--gen-len", "32", "--block", "16", "--first", "1", "--steps", "2", "--warm", "1",
+             "--window-s", "0.05", "--full-max-s", "0", "--env-variants", "none:X=1"])
     summary = json.loads((out / "summary.json").read_text())
-    assert [(r["policy"], r["batch"]) for r in summary] == [("none", 2), ("d2cache", 2)]
+    assert [(r["policy"], r["batch"]) for r in summary] == [("none", 2), ("d2cache", 2), ("none[X=1]", 2)]
     for r in summary:
         assert "profile_error" not in r and r.get("error") is None
         assert r["tokens_per_s"] > 0 and r["syncs_per_step"] >= 1  # the runner's one sync per step
-        text = (out / f"profile_llada-tiny_{r['policy']}_b2.txt").read_text()
+        text = (out / f"profile_llada-tiny_{PP.fname(r['policy'])}_b2.txt").read_text()
         assert "host syncs per step" in text and "matmul" in text
     assert "| d2cache | 2 |" in (out / "summary.md").read_text()
