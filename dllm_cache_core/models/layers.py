@@ -86,11 +86,11 @@ def attention_probs_mean(q: torch.Tensor, k: torch.Tensor, head_dim: int,
     products of bf16/fp16 values are exact in fp32, as after an upcast; only the summation order
     differs) and GQA groups share their keys without repeating them; the scale, mask, softmax and
     head mean are one compiled chain; with Triton one kernel does it all (models/probs_kernel.py;
-    DLLM_PROBS_KERNEL=1 turns it on, until validated on GPUs). Elsewhere the plain fp32 path."""
+    DLLM_PROBS_KERNEL=0 turns it off). Elsewhere the plain fp32 path."""
     B, n, _ = q.shape
     L = k.shape[1]
     if (mask is None or mask.shape[-2] == 1) and probs_kernel.available(q, head_dim) \
-            and os.environ.get("DLLM_PROBS_KERNEL", "0") != "0":
+            and os.environ.get("DLLM_PROBS_KERNEL", "1") != "0":
         out = probs_kernel.probs_mean(q, k, head_dim, mask)
         if out is not None:
             return out
