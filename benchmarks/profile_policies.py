@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -158,9 +157,7 @@ def probs_kernel_check(device="cuda") -> dict:
         mask = (torch.arange(L, device=device) >= torch.arange(B, device=device).unsqueeze(1) * 3)[:, None, None, :]
         res, ms = {}, {}
         for flag in ("0", "1"):
-            old = os.environ.get("DLLM_PROBS_KERNEL")
-            os.environ["DLLM_PROBS_KERNEL"] = flag
-            try:
+            with env_vars(DLLM_PROBS_KERNEL=flag):
                 res[flag] = attention_probs_mean(q, k, D, mask)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -168,11 +165,6 @@ def probs_kernel_check(device="cuda") -> dict:
                     attention_probs_mean(q, k, D, mask)
                 torch.cuda.synchronize()
                 ms[flag] = (time.perf_counter() - t0) / 10 * 1e3
-            finally:
-                if old is None:
-                    os.environ.pop("DLLM_PROBS_KERNEL")
-                else:
-                    os.environ["DLLM_PROBS_KERNEL"] = old
         out[f"B{B}_n{n}_H{H}_G{G}_L{L}"] = dict(max_abs_err=float((res["1"] - res["0"]).abs().max()),
                                                  ms_generic=round(ms["0"], 4), ms_kernel=round(ms["1"], 4))
     out["broken"] = probs_kernel._broken[:1]
