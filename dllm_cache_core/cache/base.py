@@ -63,6 +63,20 @@ def device_tensor(values, dtype: Optional[torch.dtype] = None, device=None) -> t
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def copy_rows_(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst.index_copy_(0, index, src), moving each slice as 8-byte words when its bytes allow: the
+    CUDA index_copy_ computes an offset per element, and per bf16 element it ran 2.6x slower on an
+    H200 than per 8-byte word (as fast as a plain copy). Bytewise, so the result is identical."""
+    src = src.contiguous()
+    w = dst.shape[-1] * dst.element_size() if dst.dim() else 0
+    if (dst.dim() >= 2 and dst.dtype == src.dtype and dst.element_size() < 8 and w % 8 == 0
+            and dst.stride(-1) == 1 and (dst.storage_offset() * dst.element_size()) % 8 == 0
+            and all(st * dst.element_size() % 8 == 0 for st in dst.stride()[:-1])):
+        dst.view(torch.int64).index_copy_(0, index, src.view(torch.int64))
+        return dst
+    return dst.index_copy_(0, index, src)
+
+
 @dataclass
 class StepInfo:
     """One forward's rows and where each of them is: rows need not share a block or a step (continuous
@@ -211,8 +225,8 @@ class CachePolicy:
                     K.copy_(k)
                     V.copy_(v)
                 else:
-                    K.index_copy_(0, rows, k)
-                    V.index_copy_(0, rows, v)
+                    copy_rows_(K, rows, k)
+                    copy_rows_(V, rows, v)
                 return k, v
 
             return m.layer(layer, h, cos, sin, mask, kv).h
@@ -377,8 +391,8 @@ class RangeStep(StaticStep):
         def layer_fn(i, layer, h, cos, sin):
             def write(k, v):
                 kf, vf = kv.flat[i]
-                kf.index_copy_(0, dst, k.reshape(dst.shape[0], -1))
-                vf.index_copy_(0, dst, v.reshape(dst.shape[0], -1))
+                copy_rows_(kf, dst, k.reshape(dst.shape[0], -1))
+                copy_rows_(vf, dst, v.reshape(dst.shape[0], -1))
                 K, V = kv[i]
                 return (K, V) if self.whole else (K.index_select(0, rows), V.index_select(0, rows))
 

@@ -80,7 +80,7 @@ from __future__ import annotations
 import torch
 
 from ..models.layers import attention_probs_mean
-from .base import CachePolicy, DecodeContext, StaticStep, StepInfo
+from .base import CachePolicy, DecodeContext, StaticStep, StepInfo, copy_rows_
 from .certainty import certainty_density
 from .params import Param, PolicyDecl
 
@@ -364,8 +364,8 @@ class _SlotStep(StaticStep):
         def layer_fn(i, layer, h, cos, sin):
             def write(k, v):
                 kf, vf = p.kv.flat[i]
-                kf.index_copy_(0, dst, k.view(T, -1))
-                vf.index_copy_(0, dst, v.view(T, -1))
+                copy_rows_(kf, dst, k.view(T, -1))
+                copy_rows_(vf, dst, v.view(T, -1))
                 return p.kv[i]
 
             return model.layer(layer, h, cos, sin, mask, write, attend).h

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import CachePolicy, StepInfo, device_tensor
+from .base import CachePolicy, StepInfo, copy_rows_, device_tensor
 from .params import Param, PolicyDecl
 
 POLICY = PolicyDecl(
@@ -56,7 +56,7 @@ def _rows(t: torch.Tensor, flat: torch.Tensor, n: int) -> torch.Tensor:
 
 def _put(t: torch.Tensor, flat: torch.Tensor, src: torch.Tensor) -> None:
     B, L = t.shape[:2]
-    t.view(B * L, *t.shape[2:]).index_copy_(0, flat, src.reshape(-1, *t.shape[2:]))
+    copy_rows_(t.view(B * L, *t.shape[2:]), flat, src.reshape(-1, *t.shape[2:]))
 
 
 class DLLMCache(CachePolicy):
@@ -233,7 +233,7 @@ class _State:
         if rows is None:
             return
         for (k, v), (ks, vs) in zip(p.kv, self.kv):
-            k.index_copy_(0, rows, ks)
-            v.index_copy_(0, rows, vs)
+            copy_rows_(k, rows, ks)
+            copy_rows_(v, rows, vs)
         for a, s in zip(p.attn + p.mlp, self.attn + self.mlp):
-            a.index_copy_(0, rows, s)
+            copy_rows_(a, rows, s)
