@@ -296,11 +296,17 @@ class StaticStep:
     over part of the batch (continuous batching's varying sub-batches) runs eagerly: one graph per
     row count would multiply captures."""
 
+    eager_calls: int = 1
+    """Calls run eagerly before the capture (the first is also the warm-up). A step whose key recurs
+    rarely (d2cache's varying sizes) waits longer: a capture costs an eager step's host time and
+    saves little when the step is GPU-bound."""
+
     def __init__(self, policy: CachePolicy, graphable: bool = True):
         self.ctx, self.model = policy.ctx, policy.model
         self.graph = torch.cuda.CUDAGraph() if (self.ctx.positions.is_cuda and graphable) else None
         self.peers = policy._steps
         self.warm = False
+        self.calls = 0
         self.captured = False
         self.eager_only = not graphable
         self.logits: Optional[torch.Tensor] = None
@@ -311,10 +317,11 @@ class StaticStep:
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         if not use_cuda_graphs(x) or self.eager_only:
             return self._body()
-        if not self.warm:
+        if self.calls < self.eager_calls:
             # The first call runs eagerly and is the real step; it also warms up (compiles the fused
             # kernels, initialises cuBLAS). Capturing executes nothing, so no step ever runs twice on
             # the same state (dllm_cache's selection reads the V it then overwrites).
+            self.calls += 1
             self.warm = True
             return self._body()
         if not self.captured and not self._capture():

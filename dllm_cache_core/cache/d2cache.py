@@ -243,7 +243,7 @@ class D2Cache(CachePolicy):
         q = self.quantum
         cmax, pmax, total = torch.cat([counts.max(1).values.clamp(min=1), counts[0].sum().view(1)]).tolist()
         n, m = (min(L, -(-c // q) * q) for c in (cmax, pmax))
-        qt = q * max(1, B // 8)
+        qt = q * min(4, max(1, B // 4))  # the packed total: a multiple of 32 / 64 / 128 from batch 1 / 8 / 16
         T = min(B * L, max(qt, -(-total // qt) * qt))
         slots = torch.argsort((~sel).to(torch.uint8), dim=1, stable=True)[:, :n]  # selected, ascending
         valid = torch.arange(n, device=dev).unsqueeze(0) < counts[0].unsqueeze(1)
@@ -330,7 +330,9 @@ class _Packing:
 class _SlotStep(StaticStep):
     """The forward over n query slots per row packed into T tokens, m slots per row through the head
     (and the rollout of the attention rows) with every input in a static buffer: one per padded
-    (n, m, T), a CUDA graph on GPUs."""
+    (n, m, T), a CUDA graph on GPUs from its third call (sizes vary from step to step)."""
+
+    eager_calls = 2
 
     def __init__(self, policy: D2Cache, n: int, m: int, T: int):
         super().__init__(policy)

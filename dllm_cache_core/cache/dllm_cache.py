@@ -78,15 +78,18 @@ class DLLMCache(CachePolicy):
         # V projection of every response token, plus the cosine similarity
         self.select_overhead = 2.0 * d * kvd * self.G + 6.0 * kvd * self.G
 
-    def _layer(self, st: "_State", i, layer, h, cos, sin, q_idx, v_gen: Optional[torch.Tensor], live: int = 0):
-        """Recompute attention + MLP rows at q_idx (None = every position; an int S = the range [S, L);
-        else (B, n) positions) against the stored K/V; every other row's sublayer outputs come from the
-        cache. v_gen replaces the response V first. Only positions >= live are kept up to date in the
-        residual stream (the rest are never read again in this forward); the update is in place."""
+    def _layer(self, st: "_State", i, layer, h, cos, sin, q_idx: Optional[torch.Tensor],
+               v_gen: Optional[torch.Tensor], flat: Optional[torch.Tensor] = None,
+               gen_flat: Optional[torch.Tensor] = None):
+        """Recompute attention + MLP rows at q_idx (B, n) (None = every position) against the stored
+        K/V; every other row's sublayer outputs come from the cache. v_gen replaces the response V
+        (rows gen_flat) first. Rows move by index_select / copy_rows_ on flat (B * L) views (`flat`:
+        q_idx's, when precomputed) and the residual adds run over the whole contiguous stream, in
+        place: strided slices took the slow non-vectorised elementwise path on GPUs."""
         m = self.model
         K, V, A, M = st.kv[i][0], st.kv[i][1], st.attn[i], st.mlp[i]
         if v_gen is not None:
-            V[:, self.P:] = v_gen
+            _put(V, gen_flat, v_gen)
         if q_idx is None:
             def kv(k, v):
                 K.copy_(k)
@@ -97,38 +100,24 @@ class DLLMCache(CachePolicy):
             A.copy_(out.attn)
             M.copy_(out.mlp)
             return out.h
-        hl = h[:, live:]
-        if isinstance(q_idx, int):
-            S = q_idx
-            q, k, v = layer.qkv(layer.attn_in(h[:, S:]))
-            cq, sq = cos[:, S:], sin[:, S:]
-            K[:, S:].copy_(m.apply_rope(k, cq, sq))
-            V[:, S:].copy_(v)
-            A[:, S:].copy_(layer.attn_proj(m.attend(m.apply_rope(q, cq, sq), K, V, st.mask)))
-            hl.add_(A[:, live:])
-            M[:, S:].copy_(layer.ffn(h[:, S:]))
-            hl.add_(M[:, live:])
-            return h
         B, L = h.shape[:2]
         n = q_idx.shape[1]
         if n == 0:
-            hl.add_(A[:, live:])
-            hl.add_(M[:, live:])
-            return h
-        flat = _flat(B, L, q_idx)
+            return h.add_(A).add_(M)
+        if flat is None:
+            flat = _flat(B, L, q_idx)
         cq, sq = _rows(cos, flat, n), _rows(sin, flat, n)
         q, k, v = layer.qkv(layer.attn_in(_rows(h, flat, n)))
         _put(K, flat, m.apply_rope(k, cq, sq))
         _put(V, flat, v)
         _put(A, flat, layer.attn_proj(m.attend(m.apply_rope(q, cq, sq), K, V, st.mask)))
-        hl.add_(A[:, live:])
+        h.add_(A)
         _put(M, flat, layer.ffn(_rows(h, flat, n)))
-        hl.add_(M[:, live:])
-        return h
+        return h.add_(M)
 
-    def _select(self, st: "_State", i, layer, h) -> tuple[torch.Tensor, torch.Tensor]:
+    def _select(self, st: "_State", i, layer, h, gen_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(new response V, absolute indices of the n least-similar response tokens per row)."""
-        v_new = layer.v_only(layer.attn_in(h[:, self.P:]))
+        v_new = layer.v_only(layer.attn_in(_rows(h, gen_flat, self.G)))
         sim = F.cosine_similarity(v_new, st.kv[i][1][:, self.P:], dim=-1)
         idx = torch.topk(sim, self.n_sel, dim=-1, largest=False).indices + self.P
         return v_new, idx
@@ -195,21 +184,19 @@ class DLLMCache(CachePolicy):
         adaptive = 0 < self.n_sel
         B, L = ids.shape
         prompt_idx = torch.arange(self.P, device=ids.device).expand(B, -1)
-
-        # without a prompt refresh only the response (and, with the logit shift, the query before it)
-        # is read after layer 0: the residual stream is updated from there on
-        live = 0 if prompt_all else self.P - self.ctx.shift
+        gen_idx = torch.arange(self.P, L, device=ids.device).expand(B, -1)
+        gen_flat = _flat(B, L, gen_idx)
 
         def layer_fn(i, layer, h, cos, sin):
             rp, rg = prompt_all or i == 0, gen_all or i == 0
             if rp and rg:
                 return self._layer(st, i, layer, h, cos, sin, None, None)
             if rg:  # response refreshed, prompt from cache
-                return self._layer(st, i, layer, h, cos, sin, self.P, None, live)
-            v_gen, sel = self._select(st, i, layer, h) if adaptive else (None, None)
+                return self._layer(st, i, layer, h, cos, sin, gen_idx, None, gen_flat)
+            v_gen, sel = self._select(st, i, layer, h, gen_flat) if adaptive else (None, None)
             parts = ([prompt_idx] if rp else []) + ([sel] if adaptive else [])
             q_idx = torch.cat(parts, 1) if parts else prompt_idx[:, :0]
-            return self._layer(st, i, layer, h, cos, sin, q_idx, v_gen, live)
+            return self._layer(st, i, layer, h, cos, sin, q_idx, v_gen, gen_flat=gen_flat)
 
         return self.model(ids, st.positions, st.mask, layer_fn=layer_fn, out_index=out_index)
 
