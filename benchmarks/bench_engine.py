@@ -377,8 +377,10 @@ class Bench:
                 win = dict(max_blocks=1, max_calls=n)
             # record pass, eager (DLLM_CUDA_GRAPHS=0: graph replays dispatch nothing), then the timed pass
             # (and DLLM_COMPILE=0: compiled kernels bypass the dispatcher; the roofline counts only
-            # matmuls and SDPA, which compiling does not change)
-            with env_vars(DLLM_CUDA_GRAPHS="0", DLLM_COMPILE="0"):
+            # matmuls and SDPA, which compiling does not change; DLLM_PROBS_KERNEL=0: d2cache's
+            # attention-probability Triton kernel is invisible to the dispatcher, its generic path
+            # logs the same q k^T as a bmm)
+            with env_vars(DLLM_CUDA_GRAPHS="0", DLLM_COMPILE="0", DLLM_PROBS_KERNEL="0"):
                 _, shapes = self.run(prompts, gen, cache, record=True, **win)
             n_rec_calls = ins.calls
             if CUDA:
