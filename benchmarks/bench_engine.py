@@ -377,8 +377,10 @@ class Bench:
                 win = dict(max_blocks=1, max_calls=n)
             # record pass, eager (DLLM_CUDA_GRAPHS=0: graph replays dispatch nothing), then the timed pass
             # (and DLLM_COMPILE=0: compiled kernels bypass the dispatcher; the roofline counts only
-            # matmuls and SDPA, which compiling does not change)
-            with env_vars(DLLM_CUDA_GRAPHS="0", DLLM_COMPILE="0"):
+            # matmuls and SDPA, which compiling does not change; DLLM_PROBS_KERNEL=0: d2cache's
+            # attention-probability Triton kernel is invisible to the dispatcher, its generic path
+            # logs the same q k^T as a bmm)
+            with env_vars(DLLM_CUDA_GRAPHS="0", DLLM_COMPILE="0", DLLM_PROBS_KERNEL="0"):
                 _, shapes = self.run(prompts, gen, cache, record=True, **win)
             n_rec_calls = ins.calls
             if CUDA:
@@ -472,46 +474,47 @@ class Bench:
         return rec
 
     # -- profile --------------------------------------------------------------------------------
+    def capture_profile(self, policy: str, batch: int, prompt_len: int, gen_len: int, first: int = 2, n: int = 2,
+                        warm: int = 2, params: Optional[dict] = None):
+        """torch.profiler over model calls [first, first + n) of a generation (model call + sampler +
+        the policy's end_step; the first `warm` runs of the same calls warm up, and call 1, the first
+        cached step, captures the CUDA graph). Returns (profiler, unprofiled wall ms of those calls)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cfg = self.cfg
+        gen = GenerationConfig(gen_length=gen_len, steps=gen_len, block_length=self.a.block, stop_at_eos=False)
+        cache = CacheConfig(policy=policy, **(params or {}))
+        prompts = random_prompts(batch, prompt_len, cfg.vocab_size, (cfg.mask_id, cfg.eos_id), seed=batch)
+        last = first + n
+        for _ in range(warm):
+            self.run(prompts, gen, cache, max_calls=last + 1)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+        prof = profile(activities=acts, record_shapes=True)
+
+        def on_call(i):
+            if i == first:
+                sync()
+                prof.start()
+            elif i == last:
+                sync()
+                prof.stop()
+
+        self.run(prompts, gen, cache, max_calls=last + 1, on_call=on_call)
+        # unprofiled wall of the same calls
+        self.run(prompts, gen, cache, max_calls=last + 1)
+        cs = self.instr.call_start + [self.instr.end]
+        return prof, ms(cs[first], cs[last])
+
     def profile(self, policy: str, batch: int, prompt_len: int, gen_len: int) -> None:
-        a, cfg = self.a, self.cfg
+        a = self.a
         if self.left() < a.min_left_s:
             print(f"skip profile b{batch} (deadline)", flush=True)
             return
-        from torch.profiler import ProfilerActivity, profile
-
-        gen = GenerationConfig(gen_length=gen_len, steps=gen_len, block_length=a.block, stop_at_eos=False)
-        cache = CacheConfig(policy=policy)
-        prompts = random_prompts(batch, prompt_len, cfg.vocab_size, (cfg.mask_id, cfg.eos_id), seed=batch)
         try:
-            for _ in range(2):
-                self.run(prompts, gen, cache, max_calls=5)
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
-            prof = profile(activities=acts, record_shapes=True)
-
-            def on_call(i):  # calls 2 and 3: call 1 (the first cached step) captures the CUDA graph
-                if i == 2:
-                    sync()
-                    prof.start()
-                elif i == 4:
-                    sync()
-                    prof.stop()
-
-            self.run(prompts, gen, cache, max_calls=5, on_call=on_call)
-            # unprofiled wall of the same two cached steps
-            self.run(prompts, gen, cache, max_calls=5)
-            cs = self.instr.call_start + [self.instr.end]
-            steps_ms = ms(cs[2], cs[4])
-            dev_key = "self_device_time_total" if CUDA else "self_cpu_time_total"
+            prof, steps_ms = self.capture_profile(policy, batch, prompt_len, gen_len)
             sort_dev = "device_time_total" if CUDA else "cpu_time_total"
             ka = prof.key_averages()
-            busy_us = None
-            try:
-                from torch.autograd import DeviceType
-                kern = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-                busy_us = sum(e.time_range.elapsed_us() for e in kern)
-                n_kern = len(kern)
-            except Exception:  # noqa: BLE001
-                n_kern = None
+            busy_us, n_kern = kernel_busy(prof)
             lines = [
                 f"# torch.profiler: model calls 2 and 3 of a {policy} generation (model call + sampler; "
                 f"dual: cached steps, none: full forwards), batch {batch}, "
@@ -529,7 +532,6 @@ class Bench:
                 prof.key_averages(group_by_input_shape=True).table(sort_by=sort_dev, row_limit=20,
                                                                     max_name_column_width=50),
             ]
-            del dev_key
             d = Path(a.profile_dir)
             d.mkdir(parents=True, exist_ok=True)
             (d / f"profile_{a.shape_name}_{policy}_b{batch}.txt").write_text("\n".join(lines))
@@ -538,6 +540,16 @@ class Bench:
             print("\n".join(lines[:5]), flush=True)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
+
+
+def kernel_busy(prof) -> tuple[Optional[float], Optional[int]]:
+    """(summed GPU kernel time in us, kernel count) of a profile; (None, None) without CUDA events."""
+    try:
+        from torch.autograd import DeviceType
+        kern = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        return sum(e.time_range.elapsed_us() for e in kern), len(kern)
+    except Exception:  # noqa: BLE001
+        return None, None
 
 
 def build_plan(a, policies: list[str]) -> list[tuple]:
@@ -569,7 +581,7 @@ def build_plan(a, policies: list[str]) -> list[tuple]:
     return out
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--shape-name", required=True, help="model_shape in the records, e.g. llada-8b")
@@ -605,6 +617,11 @@ def main(argv=None) -> None:
     a.profile_batches, a.full_batches = ints(a.profile_batches), ints(a.full_batches)
     a.none_profile_batches = ints(a.none_profile_batches)
     a.phases = [p.strip() for p in a.phases.split(",") if p.strip()]
+    return a
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
     bench = Bench(a)
     pols = policy_names()
     if a.policies:

@@ -6,7 +6,10 @@ Forward
     K/V of every position. Each later forward feeds only the positions selected at the end of the previous step
     (``self.sel``, (B, L) bool): per layer their q/k/v are computed, their K/V written into the cache in
     place, their queries attend over the whole cached sequence (padding masked) and the FFN runs on
-    them only. Rows are padded to the batch's largest count with *invalid* query slots: an invalid
+    them only. The selected positions of all rows are packed into one token axis for everything
+    that is per token (norms, projections, MLP, head: no work on padding beyond rounding the total
+    up); only attention (and its probabilities for the rollout) runs per row, on slots padded to the
+    batch's largest count with *invalid* query slots: an invalid
     slot writes its K/V into a trash row behind the cache, never produces logits, and carries no
     weight in the rollout, so a row's result does not depend on its batch. For the same reason a row
     that is not in a forward (``StepInfo.rows``: its block is done while the rest of a static batch
@@ -77,7 +80,7 @@ from __future__ import annotations
 import torch
 
 from ..models.layers import attention_probs_mean
-from .base import CachePolicy, DecodeContext, StaticStep, StepInfo
+from .base import CachePolicy, DecodeContext, StaticStep, StepInfo, copy_rows_
 from .certainty import certainty_density
 from .params import Param, PolicyDecl
 
@@ -236,9 +239,12 @@ class D2Cache(CachePolicy):
         predicts &= sel
         counts = torch.stack([sel.sum(1), predicts.sum(1)])
         # Slot and head-row counts are rounded up to a multiple of QUANTUM (padding slots are inert),
-        # so a few static steps serve the whole generation.
+        # so a few static steps serve the whole generation. One host sync: the three sizes.
         q = self.quantum
-        n, m = (min(L, -(-c // q) * q) for c in counts.max(1).values.clamp(min=1).tolist())
+        cmax, pmax, total = torch.cat([counts.max(1).values.clamp(min=1), counts[0].sum().view(1)]).tolist()
+        n, m = (min(L, -(-c // q) * q) for c in (cmax, pmax))
+        qt = q * min(4, max(1, B // 4))  # the packed total: a multiple of 32 / 64 / 128 from batch 1 / 8 / 16
+        T = min(B * L, max(qt, -(-total // qt) * qt))
         slots = torch.argsort((~sel).to(torch.uint8), dim=1, stable=True)[:, :n]  # selected, ascending
         valid = torch.arange(n, device=dev).unsqueeze(0) < counts[0].unsqueeze(1)
         rows = torch.arange(B, device=dev).unsqueeze(1)
@@ -247,7 +253,9 @@ class D2Cache(CachePolicy):
         out = torch.argsort((~pred_slot).to(torch.uint8), dim=1, stable=True)[:, :m]
         out_valid = torch.arange(m, device=dev).unsqueeze(0) < counts[1].unsqueeze(1)
         weight = (weight_sel.gather(1, slots) & valid).float()
-        logits, imp = self.static_step(("slots", n, m), lambda: _SlotStep(self, n, m))(x, slots, dst, out, weight)
+        pack = _Packing.of(valid, T)
+        logits, imp = self.static_step(("slots", n, m, T), lambda: _SlotStep(self, n, m, T))(
+            x, slots, dst, out, weight, pack)
 
         # rollout importance of this forward (read by end_step)
         self.importance.copy_(torch.where(active.unsqueeze(1), imp, self.importance))
@@ -297,44 +305,88 @@ class D2Cache(CachePolicy):
         self.sel.copy_(torch.where(active.unsqueeze(1), sel, self.sel))
 
 
-class _SlotStep(StaticStep):
-    """The forward over n query slots, m of them through the head (and the rollout of the attention
-    rows) with every input in a static buffer: one per padded (n, m), a CUDA graph on GPUs."""
+class _Packing:
+    """The valid query slots of every row packed into T tokens (row-major, then padding tokens): the
+    row-independent work of a layer (norms, projections, MLP, head) runs on the packed tokens, only
+    attention and its probabilities on the per-row (B, n) slot layout. Padding tokens compute on
+    copies of token 0 and write only the trash row."""
 
-    def __init__(self, policy: D2Cache, n: int, m: int):
+    def __init__(self, tok_slot: torch.Tensor, slot_tok: torch.Tensor, tok_valid: torch.Tensor):
+        self.tok_slot, self.slot_tok, self.tok_valid = tok_slot, slot_tok, tok_valid
+
+    @classmethod
+    def of(cls, valid: torch.Tensor, T: int) -> "_Packing":
+        """valid (B, n): the real slots. tok_slot (T,): the flat slot b * n + j of each packed token;
+        slot_tok (B * n,): the packed token of each slot (invalid slots: token 0)."""
+        fv = valid.reshape(-1)
+        rank = fv.long().cumsum(0) - 1
+        slot_tok = torch.where(fv, rank, 0)
+        tok_slot = torch.zeros(T + 1, dtype=torch.long, device=fv.device)
+        tok_slot.scatter_(0, torch.where(fv, rank, T), torch.arange(fv.shape[0], device=fv.device))
+        tok_valid = torch.arange(T, device=fv.device) <= rank[-1].clamp(min=-1)
+        return cls(tok_slot[:T], slot_tok, tok_valid)
+
+
+class _SlotStep(StaticStep):
+    """The forward over n query slots per row packed into T tokens, m slots per row through the head
+    (and the rollout of the attention rows) with every input in a static buffer: one per padded
+    (n, m, T), a CUDA graph on GPUs from its third call (sizes vary from step to step)."""
+
+    eager_calls = 2
+
+    def __init__(self, policy: D2Cache, n: int, m: int, T: int):
         super().__init__(policy)
         ctx = self.ctx
         B, L, dev = ctx.batch, ctx.seq_len, ctx.positions.device
         self.p = policy
-        self.x = torch.zeros(B, L, dtype=torch.long, device=dev)
+        self.ids = torch.zeros(1, T, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, T, dtype=torch.long, device=dev)
+        self.dst = torch.zeros(T, dtype=torch.long, device=dev)
+        self.tok_slot = torch.zeros(T, dtype=torch.long, device=dev)
+        self.slot_tok = torch.zeros(B * n, dtype=torch.long, device=dev)
+        self.out = torch.zeros(1, B * m, dtype=torch.long, device=dev)
         self.slots = torch.zeros(B, n, dtype=torch.long, device=dev)
-        self.dst = torch.zeros(B, n, dtype=torch.long, device=dev)
-        self.out = torch.zeros(B, m, dtype=torch.long, device=dev)
         self.weight = torch.zeros(B, n, dtype=torch.float32, device=dev)
+        self.m = m
 
     def _body(self):
-        p, ctx, m = self.p, self.ctx, self.model
+        p, ctx, model = self.p, self.ctx, self.model
         B, n = self.slots.shape
-        hd, mask = m.config.head_dim, ctx.attn_mask
-        dst = self.dst.reshape(-1)
+        hd, mask = model.config.head_dim, ctx.attn_mask
+        dst, tok_slot, slot_tok = self.dst, self.tok_slot, self.slot_tok
+        T = dst.shape[0]
         probs: list[torch.Tensor] = []
+
+        def attend(q, K, V, mask):
+            qs = q.view(T, -1).index_select(0, slot_tok).view(B, n, -1)
+            probs.append(attention_probs_mean(qs, K, hd, mask))
+            o = model.attend(qs, K, V, mask)
+            return o.view(B * n, -1).index_select(0, tok_slot).view(1, T, -1)
 
         def layer_fn(i, layer, h, cos, sin):
             def write(k, v):
                 kf, vf = p.kv.flat[i]
-                kf.index_copy_(0, dst, k.reshape(B * n, -1))
-                vf.index_copy_(0, dst, v.reshape(B * n, -1))
+                copy_rows_(kf, dst, k.view(T, -1))
+                copy_rows_(vf, dst, v.view(T, -1))
                 return p.kv[i]
 
-            out = m.layer(layer, h, cos, sin, mask, write)
-            probs.append(attention_probs_mean(out.q, out.K, hd, mask))
-            return out.h
+            return model.layer(layer, h, cos, sin, mask, write, attend).h
 
-        logits = m(self.x.gather(1, self.slots), ctx.positions.gather(1, self.slots), mask, layer_fn=layer_fn,
-                   out_index=self.out)
-        return logits, rollout_importance(probs, self.slots, self.weight, ctx.seq_len)
+        logits = model(self.ids, self.pos, None, layer_fn=layer_fn, out_index=self.out)
+        return logits.view(B, self.m, -1), rollout_importance(probs, self.slots, self.weight, ctx.seq_len)
 
-    def __call__(self, x, slots, dst, out, weight):
-        for buf, v in ((self.x, x), (self.slots, slots), (self.dst, dst), (self.out, out), (self.weight, weight)):
-            buf.copy_(v)
+    def __call__(self, x, slots, dst, out, weight, pack: _Packing):
+        ctx = self.ctx
+        B, n = slots.shape
+        L = ctx.seq_len
+        flat = (slots + torch.arange(B, device=slots.device).unsqueeze(1) * L).reshape(-1).index_select(
+            0, pack.tok_slot)
+        self.ids.copy_(x.reshape(-1).index_select(0, flat).view(1, -1))
+        self.pos.copy_(ctx.positions.reshape(-1).index_select(0, flat).view(1, -1))
+        self.dst.copy_(torch.where(pack.tok_valid, dst.reshape(-1).index_select(0, pack.tok_slot), B * L))
+        self.tok_slot.copy_(pack.tok_slot)
+        self.slot_tok.copy_(pack.slot_tok)
+        self.out.copy_(pack.slot_tok.view(B, n).gather(1, out).view(1, -1))
+        self.slots.copy_(slots)
+        self.weight.copy_(weight)
         return self._call(x)

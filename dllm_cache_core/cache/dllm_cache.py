@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import CachePolicy, StepInfo
+from .base import CachePolicy, StepInfo, copy_rows_, device_tensor
 from .params import Param, PolicyDecl
 
 POLICY = PolicyDecl(
@@ -42,14 +42,21 @@ POLICY = PolicyDecl(
 )
 
 
-def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t (B, L, ...) gathered at idx (B, n) along dim 1."""
-    shape = idx.shape + t.shape[2:]
-    return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(shape))
+def _flat(B: int, L: int, idx: torch.Tensor) -> torch.Tensor:
+    """(B * n,) row indices into a (B * L, ...) view for positions idx (B, n)."""
+    return (idx + torch.arange(B, device=idx.device).unsqueeze(1) * L).reshape(-1)
 
 
-def _put(t: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
-    t.scatter_(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(src.shape), src)
+def _rows(t: torch.Tensor, flat: torch.Tensor, n: int) -> torch.Tensor:
+    """t (B, L, ...) at the positions of `flat` (see _flat): (B, n, ...). One index_select of whole
+    feature rows (a gather with an index per element moved 5x the bytes)."""
+    B, L = t.shape[:2]
+    return t.reshape(B * L, *t.shape[2:]).index_select(0, flat).view(B, n, *t.shape[2:])
+
+
+def _put(t: torch.Tensor, flat: torch.Tensor, src: torch.Tensor) -> None:
+    B, L = t.shape[:2]
+    copy_rows_(t.view(B * L, *t.shape[2:]), flat, src.reshape(-1, *t.shape[2:]))
 
 
 class DLLMCache(CachePolicy):
@@ -72,13 +79,17 @@ class DLLMCache(CachePolicy):
         self.select_overhead = 2.0 * d * kvd * self.G + 6.0 * kvd * self.G
 
     def _layer(self, st: "_State", i, layer, h, cos, sin, q_idx: Optional[torch.Tensor],
-               v_gen: Optional[torch.Tensor]):
-        """Recompute attention + MLP rows at q_idx (None = every position) against the stored K/V;
-        every other row's sublayer outputs come from the cache. v_gen replaces the response V first."""
+               v_gen: Optional[torch.Tensor], flat: Optional[torch.Tensor] = None,
+               gen_flat: Optional[torch.Tensor] = None):
+        """Recompute attention + MLP rows at q_idx (B, n) (None = every position) against the stored
+        K/V; every other row's sublayer outputs come from the cache. v_gen replaces the response V
+        (rows gen_flat) first. Rows move by index_select / copy_rows_ on flat (B * L) views (`flat`:
+        q_idx's, when precomputed) and the residual adds run over the whole contiguous stream, in
+        place: strided slices took the slow non-vectorised elementwise path on GPUs."""
         m = self.model
         K, V, A, M = st.kv[i][0], st.kv[i][1], st.attn[i], st.mlp[i]
         if v_gen is not None:
-            V[:, self.P:] = v_gen
+            _put(V, gen_flat, v_gen)
         if q_idx is None:
             def kv(k, v):
                 K.copy_(k)
@@ -89,21 +100,24 @@ class DLLMCache(CachePolicy):
             A.copy_(out.attn)
             M.copy_(out.mlp)
             return out.h
-        if q_idx.shape[1] == 0:
-            h = h + A
-            return h + M
-        cq, sq = _rows(cos, q_idx), _rows(sin, q_idx)
-        q, k, v = layer.qkv(layer.attn_in(_rows(h, q_idx)))
-        _put(K, q_idx, m.apply_rope(k, cq, sq))
-        _put(V, q_idx, v)
-        _put(A, q_idx, layer.attn_proj(m.attend(m.apply_rope(q, cq, sq), K, V, st.mask)))
-        h = h + A
-        _put(M, q_idx, layer.ffn(_rows(h, q_idx)))
-        return h + M
+        B, L = h.shape[:2]
+        n = q_idx.shape[1]
+        if n == 0:
+            return h.add_(A).add_(M)
+        if flat is None:
+            flat = _flat(B, L, q_idx)
+        cq, sq = _rows(cos, flat, n), _rows(sin, flat, n)
+        q, k, v = layer.qkv(layer.attn_in(_rows(h, flat, n)))
+        _put(K, flat, m.apply_rope(k, cq, sq))
+        _put(V, flat, v)
+        _put(A, flat, layer.attn_proj(m.attend(m.apply_rope(q, cq, sq), K, V, st.mask)))
+        h.add_(A)
+        _put(M, flat, layer.ffn(_rows(h, flat, n)))
+        return h.add_(M)
 
-    def _select(self, st: "_State", i, layer, h) -> tuple[torch.Tensor, torch.Tensor]:
+    def _select(self, st: "_State", i, layer, h, gen_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(new response V, absolute indices of the n least-similar response tokens per row)."""
-        v_new = layer.v_only(layer.attn_in(h[:, self.P:]))
+        v_new = layer.v_only(layer.attn_in(_rows(h, gen_flat, self.G)))
         sim = F.cosine_similarity(v_new, st.kv[i][1][:, self.P:], dim=-1)
         idx = torch.topk(sim, self.n_sel, dim=-1, largest=False).indices + self.P
         return v_new, idx
@@ -130,7 +144,7 @@ class DLLMCache(CachePolicy):
             keep = [False] * step.n
             for j in js:
                 keep[j] = True
-            out[torch.tensor(js, device=x.device)] = self._run(x, step.subset(keep), flags)
+            out[device_tensor(js, torch.long, x.device)] = self._run(x, step.subset(keep), flags)
         return out
 
     def _run(self, x, step: StepInfo, flags: tuple[bool, bool]):
@@ -170,18 +184,19 @@ class DLLMCache(CachePolicy):
         adaptive = 0 < self.n_sel
         B, L = ids.shape
         prompt_idx = torch.arange(self.P, device=ids.device).expand(B, -1)
+        gen_idx = torch.arange(self.P, L, device=ids.device).expand(B, -1)
+        gen_flat = _flat(B, L, gen_idx)
 
         def layer_fn(i, layer, h, cos, sin):
             rp, rg = prompt_all or i == 0, gen_all or i == 0
             if rp and rg:
                 return self._layer(st, i, layer, h, cos, sin, None, None)
             if rg:  # response refreshed, prompt from cache
-                gen_idx = torch.arange(self.P, L, device=h.device).expand(B, -1)
-                return self._layer(st, i, layer, h, cos, sin, gen_idx, None)
-            v_gen, sel = self._select(st, i, layer, h) if adaptive else (None, None)
+                return self._layer(st, i, layer, h, cos, sin, gen_idx, None, gen_flat)
+            v_gen, sel = self._select(st, i, layer, h, gen_flat) if adaptive else (None, None)
             parts = ([prompt_idx] if rp else []) + ([sel] if adaptive else [])
             q_idx = torch.cat(parts, 1) if parts else prompt_idx[:, :0]
-            return self._layer(st, i, layer, h, cos, sin, q_idx, v_gen)
+            return self._layer(st, i, layer, h, cos, sin, q_idx, v_gen, gen_flat=gen_flat)
 
         return self.model(ids, st.positions, st.mask, layer_fn=layer_fn, out_index=out_index)
 
@@ -205,7 +220,7 @@ class _State:
         if rows is None:
             return
         for (k, v), (ks, vs) in zip(p.kv, self.kv):
-            k.index_copy_(0, rows, ks)
-            v.index_copy_(0, rows, vs)
+            copy_rows_(k, rows, ks)
+            copy_rows_(v, rows, vs)
         for a, s in zip(p.attn + p.mlp, self.attn + self.mlp):
-            a.index_copy_(0, rows, s)
+            copy_rows_(a, rows, s)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CachePolicy, StepInfo
+from .base import CachePolicy, StepInfo, device_tensor
 from .params import Param, PolicyDecl
 
 REFRESH_INTERVAL = Param("refresh_interval", int, None, "also refresh the cache every k steps inside a block "
@@ -40,12 +40,12 @@ class PrefixCache(CachePolicy):
         if all(fresh):
             return self.full_forward(x, step, store=self.kv)
         cached = StepInfo(step.rows, step.row_list, step.starts, step.start_list, step.steps,
-                          step.charge & ~torch.tensor(fresh, device=step.rows.device),
+                          step.charge & ~device_tensor(fresh, torch.bool, step.rows.device),
                           [c and not f for c, f in zip(step.charge_list, fresh)], step.block_length, step.batch)
         out = self.cached_range_forward(x, cached, self.query_count(step, [not f for f in fresh]), self.kv)
         if any(fresh):
             sub = step.subset(fresh)
             out = out.clone()
-            out[torch.tensor([i for i, f in enumerate(fresh) if f], device=out.device)] = \
+            out[device_tensor([i for i, f in enumerate(fresh) if f], torch.long, out.device)] = \
                 self.full_forward(x, sub, store=self.kv)
         return out

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..cache.base import DecodeContext, StepInfo
+from ..cache.base import DecodeContext, StepInfo, device_tensor
 from ..cache.registry import policy_class
 from ..config import CacheConfig, GenerationConfig
 from ..models.base import DiffusionLM
@@ -156,10 +156,11 @@ class Runner:
         by_slot = {r.slot: r for r in plan.decode}
         rows = [by_slot[step.row_list[j]] for j in dec_pos]
         if len(dec_pos) < half:
-            logits = logits[torch.tensor(dec_pos, device=logits.device)]
+            logits = logits[device_tensor(dec_pos, torch.long, logits.device)]
         dev = self.device
-        slots = torch.tensor([r.slot for r in rows], device=dev)
-        cols = torch.tensor([P + r.block * BL for r in rows], device=dev).unsqueeze(1) + torch.arange(BL, device=dev)
+        slots = device_tensor([r.slot for r in rows], torch.long, dev)
+        cols = device_tensor([P + r.block * BL for r in rows], torch.long, dev).unsqueeze(1) + \
+            torch.arange(BL, device=dev)
         xs = self.x.index_select(0, slots)
         blk = xs.gather(1, cols)
         cand = blk == self.mask_id
@@ -223,7 +224,7 @@ class Runner:
             return self._commit(key, score, conf, cand, gens)
         chosen = torch.zeros_like(cand)
         for key, js in groups.items():
-            idx = torch.tensor(js, device=cand.device)
+            idx = device_tensor(js, torch.long, cand.device)
             chosen[idx] = self._commit(key, score[idx], conf[idx], cand[idx], [gens[j] for j in js])
         return chosen
 

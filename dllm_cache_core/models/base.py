@@ -19,6 +19,8 @@ from .layers import DecoderLayer, apply_rope, attend, rope_tables
 LayerFn = Callable[[int, DecoderLayer, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # kv(k, v) -> (K, V): what the layer's queries attend to
 KVHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# attend(q, K, V, mask) -> attention output in q's layout
+AttendHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
 class LayerOut(NamedTuple):
@@ -69,14 +71,16 @@ class DiffusionLM(nn.Module):
         return attend(q, k, v, self.config.head_dim, mask)
 
     def layer(self, layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              mask: Optional[torch.Tensor], kv: Optional[KVHook] = None) -> LayerOut:
+              mask: Optional[torch.Tensor], kv: Optional[KVHook] = None,
+              attend: Optional[AttendHook] = None) -> LayerOut:
         """The transformer layer body, written once for every caller: h's positions are the queries;
         `kv(k, v)` (rotated keys and values of those positions) returns the keys/values they attend to,
-        e.g. after writing them into a cache (default: attend to themselves)."""
+        e.g. after writing them into a cache (default: attend to themselves). `attend(q, K, V, mask)`
+        replaces the attention call (e.g. queries packed across rows, attended per row)."""
         q, k, v = layer.qkv(layer.attn_in(h))
         q, k = self.apply_rope(q, cos, sin), self.apply_rope(k, cos, sin)
         K, V = (k, v) if kv is None else kv(k, v)
-        attn = layer.attn_proj(self.attend(q, K, V, mask))
+        attn = layer.attn_proj((attend or self.attend)(q, K, V, mask))
         h = h + attn
         mlp = layer.ffn(h)
         return LayerOut(h + mlp, q, K, V, attn, mlp)

@@ -49,6 +49,17 @@ def disable(what: str, e: BaseException) -> None:
         warnings.warn(f"{what} failed, running eagerly from now on: {_broken[0]}", RuntimeWarning, stacklevel=3)
 
 
+def mark_rows_dynamic(args) -> None:
+    """Every dim but the last of each tensor argument is dynamic (batch, positions, heads: one kernel
+    for every step's shape); the last (feature) dim stays static. Fully dynamic shapes made the
+    kernels index with runtime divisions: RoPE at batch 32 ran 3x slower than with static features."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            for d in range(a.dim() - 1):
+                if a.shape[d] > 1:
+                    torch._dynamo.maybe_mark_dynamic(a, d)
+
+
 def fused(fn: F) -> F:
     """Run `fn` through torch.compile when wants_compile(first tensor argument), else eagerly."""
     compiled: list[Callable] = []
@@ -58,7 +69,8 @@ def fused(fn: F) -> F:
         if not wants_compile(args[0]) or torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         if not compiled:
-            compiled.append(torch.compile(fn, dynamic=True, fullgraph=True))
+            compiled.append(torch.compile(fn, fullgraph=True))
+        mark_rows_dynamic(args)
         try:
             return compiled[0](*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager

@@ -8,12 +8,14 @@ Shapes: B batch, n query positions, L key positions, H query heads, G kv heads, 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from . import probs_kernel
 from .fused import fused
 
 
@@ -78,15 +80,59 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head_dim: int,
 
 def attention_probs_mean(q: torch.Tensor, k: torch.Tensor, head_dim: int,
                          mask: torch.Tensor | None) -> torch.Tensor:
-    """Head-mean attention probabilities (B, n, L) for a few queries, in fp32 (d2Cache's rollout input)."""
+    """Head-mean attention probabilities (B, n, L) for a few queries, in fp32 (d2Cache's rollout input).
+
+    Half-precision inputs on a GPU: the scores come from one tensor-core bmm with fp32 output (the
+    products of bf16/fp16 values are exact in fp32, as after an upcast; only the summation order
+    differs) and GQA groups share their keys without repeating them; the scale, mask, softmax and
+    head mean are one compiled chain; with Triton one kernel does it all (models/probs_kernel.py;
+    DLLM_PROBS_KERNEL=0 turns it off). Elsewhere the plain fp32 path."""
     B, n, _ = q.shape
     L = k.shape[1]
-    qh = q.view(B, n, -1, head_dim).transpose(1, 2).float()
-    kh = k.view(B, L, -1, head_dim).transpose(1, 2).float()
-    rep = qh.shape[1] // kh.shape[1]
-    if rep > 1:
-        kh = kh.repeat_interleave(rep, dim=1)
-    scores = qh @ kh.transpose(-1, -2) / math.sqrt(head_dim)
+    if (mask is None or mask.shape[-2] == 1) and probs_kernel.available(q, head_dim) \
+            and os.environ.get("DLLM_PROBS_KERNEL", "1") != "0":
+        out = probs_kernel.probs_mean(q, k, head_dim, mask)
+        if out is not None:
+            return out
+    scores = _scores_half(q, k, head_dim) if (q.is_cuda and q.dtype in _HALF and not _half_broken) else None
+    if scores is None:
+        qh = q.view(B, n, -1, head_dim).transpose(1, 2).float()
+        kh = k.view(B, L, -1, head_dim).transpose(1, 2).float()
+        rep = qh.shape[1] // kh.shape[1]
+        if rep > 1:
+            kh = kh.repeat_interleave(rep, dim=1)
+        scores = qh @ kh.transpose(-1, -2)
+    return softmax_head_mean(scores, mask, head_dim)
+
+
+_HALF = (torch.bfloat16, torch.float16)
+_half_broken: list[str] = []
+
+
+def _scores_half(q: torch.Tensor, k: torch.Tensor, head_dim: int) -> torch.Tensor | None:
+    """(B, H, n, L) fp32 raw scores q k^T from half-precision q, k (bmm with out_dtype); None when this
+    torch has no such bmm (then the fp32 path runs from then on)."""
+    B, n, _ = q.shape
+    L = k.shape[1]
+    G = k.shape[2] // head_dim
+    rep = q.shape[2] // head_dim // G
+    # (B, G, rep * n, D) queries against (B, G, L, D) keys: one batch entry per (row, KV head)
+    qg = q.view(B, n, G, rep, head_dim).permute(0, 2, 3, 1, 4).reshape(B * G, rep * n, head_dim)
+    kg = k.view(B, L, G, head_dim).transpose(1, 2).reshape(B * G, L, head_dim)
+    try:
+        s = torch.bmm(qg, kg.transpose(1, 2), out_dtype=torch.float32)
+    except (TypeError, RuntimeError) as e:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise
+        _half_broken.append(f"{type(e).__name__}: {e}")
+        return None
+    return s.view(B, G * rep, n, L)
+
+
+@fused
+def softmax_head_mean(scores: torch.Tensor, mask: torch.Tensor | None, head_dim: int) -> torch.Tensor:
+    """(B, H, n, L) raw scores -> head-mean of the scaled, masked softmax: (B, n, L) fp32."""
+    scores = scores / math.sqrt(head_dim)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(-1).mean(1)
