@@ -84,7 +84,8 @@ def records(examples: dict[str, Example], none: dict, auto: dict) -> list[dict[s
             "measured_speedup": (none["engine_s"] / none["run"]["rows_run"]) / (auto["engine_s"] / auto["run"]["rows_run"])
             if auto["engine_s"] else None,
             "measured_cpu_speedup": None, "calibration": cal,
-            "calibration_wall_s": None, "job_wall_s": {"none": none["wall_s"], "auto": auto["wall_s"]}})
+            "calibration_wall_s": None, "job_wall_s": {"none": none["wall_s"], "auto": auto["wall_s"]},
+            "command": "python benchmarks/quality_auto.py " + " ".join(sys.argv[1:])})
     return out
 
 

@@ -105,8 +105,10 @@ def auto_section(records: list[dict[str, Any]]) -> list[str]:
     worst = max(r["baseline_accuracy"] - r["accuracy"] for r in auto)
     lines = ["", "## `cache.policy: auto` on the task mix", "",
              f"One job over {sum(r['n'] for r in auto)} held-out rows of every task, shuffled "
-             "(`python benchmarks/quality_auto.py`), against a `none` job over the same rows: calibration on "
-             f"{cal['rows']} of them chose **{cal['winner']}** (floor: token agreement >= {cal['min_agreement']}). "
+             f"(`{auto[0].get('command', 'python benchmarks/quality_auto.py')}`), against a `none` job over the same "
+             "rows: calibration on "
+             f"{cal['rows']} of them chose **{cal['winner']}** (floors: token agreement >= {cal['min_agreement']}"
+             + (f", score >= {cal['min_score_ratio']} x none's" if cal.get("min_score_ratio") else "") + "). "
              f"Largest per-task accuracy loss against `none`: {worst * 100:.1f} points.", "",
              "| candidate | token agreement | tokens/s | FLOPs speedup | score (contains) | meets floor |",
              "|---|---|---|---|---|---|"]
