@@ -376,7 +376,7 @@ def _assert_exactly_once(out: Path, rows: int = N_KILL) -> None:
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny, tmp_path):
     """run_job.py with its default local Ray: SIGINT mid-run, then the same command again."""
     # slow enough for a second run to find it running and for the interrupt to land mid-run
-    spec, out = _kill_job(tmp_path, tiny, gen_length=384, rows=24)
+    spec, out = _kill_job(tmp_path, tiny, gen_length=384, rows=64)
     log = tmp_path / "run1.log"
     proc = _start(spec, log, _local_env())
     _wait_parts(out, proc, log)
@@ -395,7 +395,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tiny, tmp_path):
     log2 = tmp_path / "run2.log"
     rerun = _start(spec, log2, _local_env())
     assert rerun.wait(timeout=500) == 0, log2.read_text()[-3000:]
-    _assert_exactly_once(out, rows=24)
+    _assert_exactly_once(out, rows=64)
     after = _parts(out)
     assert all(after.get(n) == b for n, b in kept.items()), "a part written before the interrupt changed"
     # 12. a full run on the local Ray shows none of Ray's start-up notices that mean nothing to a user
