@@ -33,6 +33,16 @@ def init_ray(local_num_cpus: int | None) -> bool | None:
     return False
 
 
+def accept_interrupts() -> None:
+    """Let Ctrl-C and SIGTERM reach the job even when its parent started it with them blocked or ignored:
+    a signal mask and ignored dispositions survive exec, and a launcher (or a library in the parent
+    process) that leaves SIGINT blocked would otherwise make Ctrl-C do nothing at all."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _sigterm(signum, frame) -> None:
     """SIGTERM (`ray job stop`, a scheduler) stops the job like Ctrl-C."""
     raise KeyboardInterrupt
@@ -58,6 +68,7 @@ def main(argv: list[str] | None = None, engine_factory=None) -> int:
     except SpecError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         return 2
+    accept_interrupts()
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         if args.dry_run:
