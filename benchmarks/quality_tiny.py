@@ -127,7 +127,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              f"{meta['model_sha256'][:12]}; greedy; blocks of 32 unless noted (d2cache defaults: one block, "
              "certainty prior sigma 10). `fixed` = one token per step; `threshold 0.9` = Fast-dLLM "
              "parallel decoding. Command: `python benchmarks/quality_tiny.py --size "
-             f"{meta['size']}`.", "",
+             f"{meta['size']}{'' if meta['device'].startswith('cpu') else ' --device cuda'}`.", "",
              f"Accuracy on {meta['size']} instances has a standard error of up to {50 / meta['size'] ** 0.5:.0f} "
              "points: read small differences between policies as noise.", "", "## Exact-match accuracy", "",
              "| policy | schedule | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
